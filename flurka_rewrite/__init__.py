@@ -1,0 +1,11 @@
+"""flurka-rewrite: replace softmax attention in PyTorch models by FLuRKA attention.
+
+    import flurka_rewrite as fr
+    new_model = fr.convert(model, kernel="performer", dk=256)
+    print(new_model.flurka_report)
+"""
+from .attention import FlurkaAttention
+
+__version__ = "0.1.0"
+
+__all__ = ["FlurkaAttention", "__version__"]

@@ -1,0 +1,63 @@
+"""``RewriteConfig``: the options of ``convert`` / ``plan``, validated once (DESIGN section 5)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from flurka_rewrite.kernels.dispatch import BACKENDS
+
+KERNEL_CHOICES = ("performer", "relu", "rnn", "ffk", "softmax", "auto")
+E_INIT_CHOICES = ("pool", "gaussian")
+
+
+@dataclass(frozen=True)
+class RewriteConfig:
+    """Conversion options. Invalid values raise ``ValueError`` naming the valid ones.
+
+    kernel: feature map, "softmax" (exact or Linformer) or "auto" (cost model).
+    dk: rank of the sequence projection; None = no low-rank; "auto" = cost model.
+    num_features: m for the performer (None: chosen per site).
+    backend: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
+    filter_fn: (module_path, site) -> bool; False leaves that site as it is.
+    e_init: initialisation of E, F ("pool" or "gaussian").
+    max_seq_len: longest key sequence a low-rank layer accepts (None: taken from the
+        example inputs, else from the model's config, else an error).
+    hoist: down-sample the layer input before the K/V projections where legal.
+    """
+
+    kernel: str = "auto"
+    dk: int | str | None = 256
+    num_features: int | None = None
+    backend: str = "auto"
+    seed: int = 0
+    filter_fn: Callable[[str, Any], bool] | None = None
+    inplace: bool = False
+    e_init: str = "pool"
+    max_seq_len: int | None = None
+    hoist: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNEL_CHOICES:
+            raise ValueError(f"unknown kernel {self.kernel!r}; expected one of "
+                             f"{', '.join(KERNEL_CHOICES)}")
+        dk = self.dk
+        if isinstance(dk, bool) or not (dk is None or dk == "auto" or isinstance(dk, int)):
+            raise ValueError(f"dk must be a positive int, None or 'auto'; got {dk!r}")
+        if isinstance(dk, int) and dk < 1:
+            raise ValueError(f"dk must be a positive int, None or 'auto'; got {dk}")
+        nf = self.num_features
+        if nf is not None and (isinstance(nf, bool) or not isinstance(nf, int) or nf < 1):
+            raise ValueError(f"num_features must be a positive int or None; got {nf!r}")
+        if nf is not None and self.kernel not in ("performer", "ffk", "auto"):
+            raise ValueError(f"num_features={nf} applies to kernel='performer' or 'ffk', not "
+                             f"kernel={self.kernel!r}; drop num_features or change the kernel")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of "
+                             f"{', '.join(BACKENDS)}")
+        if self.e_init not in E_INIT_CHOICES:
+            raise ValueError(f"unknown e_init {self.e_init!r}; expected one of "
+                             f"{', '.join(E_INIT_CHOICES)}")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise ValueError("filter_fn must be callable (module_path, site) -> bool")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be positive; got {self.max_seq_len}")

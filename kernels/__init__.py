@@ -1,0 +1,25 @@
+"""FLuRKA math: plain-PyTorch reference implementations (``reference``), feature maps
+(``feature_maps``) and, where a GPU or the Triton interpreter is present, Triton kernels.
+
+This package never imports ``flurka_rewrite.passes``.
+"""
+from .feature_maps import FEATURE_MAPS, FeatureMap, build_feature_map, register_feature_map
+from .reference import (
+    causal_kernel_attention,
+    flurka_attention,
+    kernel_attention,
+    lowrank_project,
+    softmax_attention,
+)
+
+__all__ = [
+    "FEATURE_MAPS",
+    "FeatureMap",
+    "build_feature_map",
+    "register_feature_map",
+    "softmax_attention",
+    "kernel_attention",
+    "causal_kernel_attention",
+    "lowrank_project",
+    "flurka_attention",
+]

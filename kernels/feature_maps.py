@@ -1,0 +1,217 @@
+"""Feature maps phi for kernel (linear) attention, DESIGN section 3.2.
+
+Every map takes x of shape (B, Hx, N, dh) in any float dtype and returns phi(x) of shape
+(B, Hx, N, m) in fp32. Queries and keys go through the same map (``is_query`` only changes
+the performer's stabilizer, a constant that cancels in the ratio O = phi(q) S / phi(q) z).
+
+Maps register themselves by name; ``build_feature_map("performer", ...)`` builds one and a
+failed look-up lists what exists.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+FEATURE_MAPS: dict[str, type["FeatureMap"]] = {}
+
+
+def register_feature_map(name: str) -> Callable[[type["FeatureMap"]], type["FeatureMap"]]:
+    """Class decorator: make a ``FeatureMap`` subclass available under ``name``."""
+
+    def deco(cls: type["FeatureMap"]) -> type["FeatureMap"]:
+        cls.name = name
+        FEATURE_MAPS[name] = cls
+        return cls
+
+    return deco
+
+
+class FeatureMap(nn.Module):
+    """Base class. Subclasses set ``num_features`` and implement ``forward``."""
+
+    name: str = "?"
+    num_features: int
+
+    def forward(self, x: Tensor, *, is_query: bool, key_mask: Tensor | None = None) -> Tensor:
+        """x: (B, Hx, N, dh) -> phi(x): (B, Hx, N, m) in fp32.
+
+        key_mask: optional bool (B, 1 or Hx, N, 1), True where a key is real; only the
+        performer uses it (padded keys are left out of its stabilizer).
+        """
+        raise NotImplementedError
+
+    def formula(self, x: Tensor, *, is_query: bool) -> Tensor:
+        """The map written as its plain formula, without any stabilizer (test oracle)."""
+        return self.forward(x, is_query=is_query)
+
+    def penalty(self) -> Tensor | None:
+        """Optional regularizer to add to the training loss (ffk orthogonality)."""
+        return None
+
+
+def build_feature_map(name: str, **kwargs) -> FeatureMap:
+    """Build the feature map registered as ``name`` (keyword arguments go to its class)."""
+    try:
+        cls = FEATURE_MAPS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown feature map {name!r}; expected one of {', '.join(sorted(FEATURE_MAPS))}"
+        ) from None
+    return cls(**kwargs)
+
+
+def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> Tensor:
+    """(m, d) matrix of stacked orthogonal Gaussian blocks (QR) with chi-distributed row norms,
+    the FAVOR+ projection (Choromanski et al. 2021). Built in fp64 on the CPU, then fp32."""
+    blocks = []
+    for _ in range(math.ceil(m / d)):
+        g = torch.randn(d, d, generator=generator, dtype=torch.float64)
+        q, _ = torch.linalg.qr(g)
+        blocks.append(q.T)
+    w = torch.cat(blocks, 0)[:m]
+    # chi(d)-distributed norms, i.e. the norms rows of an unstructured Gaussian would have.
+    norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1)
+    return (w * norms[:, None]).float()
+
+
+@register_feature_map("performer")
+class PerformerFeatures(FeatureMap):
+    """FAVOR+ positive random features approximating exp(s q.k).
+
+    x' = s^(1/2) x;  phi(x) = m^(-1/2) exp(W x' - |x'|^2/2 - c)
+    c: per-row max of the exponent for queries, one max over all (real) keys of a (batch, head)
+    for keys. Both cancel in the attention ratio. W is redrawn every ``redraw_interval`` forward
+    calls in training mode (seeded: draw i uses seed + i), and is fixed in eval mode.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_features: int | None = None,
+        scale: float | None = None,
+        seed: int = 0,
+        redraw_interval: int | None = 1000,
+        **_: object,
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.num_features = int(num_features or default_performer_features(head_dim))
+        self.scale = float(scale if scale is not None else head_dim**-0.5)
+        self.seed = int(seed)
+        self.redraw_interval = redraw_interval
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long), persistent=True)
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long), persistent=True)
+        self.register_buffer("W", self._draw(0), persistent=True)
+
+    def _draw(self, i: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return orthogonal_gaussian(self.num_features, self.head_dim, g)
+
+    def redraw(self) -> None:
+        """Draw a new W (the next in the seeded sequence)."""
+        self.draws += 1
+        self.W.copy_(self._draw(int(self.draws)).to(self.W.device))
+
+    def step(self) -> None:
+        """Count one training forward and redraw W when the schedule says so."""
+        if not self.training or not self.redraw_interval:
+            return
+        if int(self.calls) > 0 and int(self.calls) % int(self.redraw_interval) == 0:
+            self.redraw()
+        self.calls += 1
+
+    def exponent(self, x: Tensor) -> Tensor:
+        """W x' - |x'|^2 / 2 in fp32: (B, Hx, N, m)."""
+        xs = x.float() * self.scale**0.5
+        return xs @ self.W.t() - 0.5 * (xs * xs).sum(-1, keepdim=True)
+
+    def forward(self, x: Tensor, *, is_query: bool, key_mask: Tensor | None = None) -> Tensor:
+        u = self.exponent(x)  # (B, Hx, N, m)
+        if is_query:
+            c = u.amax(dim=-1, keepdim=True)
+        else:
+            uu = u if key_mask is None else u.masked_fill(~key_mask, float("-inf"))
+            c = uu.amax(dim=(-2, -1), keepdim=True).clamp_min(-1e30)  # all-padded: finite
+        c = c.detach()  # a constant that cancels in the ratio; no gradient through it
+        return torch.exp(u - c) * self.num_features**-0.5
+
+    def formula(self, x: Tensor, *, is_query: bool) -> Tensor:
+        return torch.exp(self.exponent(x)) * self.num_features**-0.5
+
+
+def default_performer_features(head_dim: int) -> int:
+    """FAVOR+'s usual choice m = dh * ln(dh), rounded up to a multiple of 16 (at least 32)."""
+    m = head_dim * math.log(max(head_dim, 2))
+    return max(32, int(math.ceil(m / 16) * 16))
+
+
+@register_feature_map("relu")
+class ReluFeatures(FeatureMap):
+    """phi(x) = relu(x) + 1e-3 (the FLuRKA authors' 'generalized' kernel), m = dh."""
+
+    def __init__(self, head_dim: int, **_: object) -> None:
+        super().__init__()
+        self.num_features = head_dim
+
+    def forward(self, x: Tensor, *, is_query: bool, key_mask: Tensor | None = None) -> Tensor:
+        return F.relu(x.float()) + 1e-3
+
+
+@register_feature_map("rnn")
+class EluFeatures(FeatureMap):
+    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020, 'Transformers are RNNs'), m = dh."""
+
+    def __init__(self, head_dim: int, **_: object) -> None:
+        super().__init__()
+        self.num_features = head_dim
+
+    def forward(self, x: Tensor, *, is_query: bool, key_mask: Tensor | None = None) -> Tensor:
+        return F.elu(x.float()) + 1.0
+
+
+@register_feature_map("ffk")
+class FeedForwardKernel(FeatureMap):
+    """Trainable gated feed-forward kernel (Yorsh & Kovalenko), one per kv-head:
+
+    phi(x) = softplus((x W_o + b_o) * sigmoid(x W_g + b_g))
+    W_o (Hkv, dh, m) initialised orthogonal, W_g small. ``penalty()`` is the orthogonality
+    regulariser sum_h |W_o[h]^T W_o[h] - I|^2 (add it to the loss, scaled, if wanted).
+    Queries of head h use the map of kv-head h // (H // Hkv).
+    """
+
+    def __init__(
+        self, head_dim: int, kv_heads: int = 1, num_features: int | None = None, seed: int = 0,
+        **_: object,
+    ) -> None:
+        super().__init__()
+        m = int(num_features or head_dim)
+        self.num_features = m
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7)
+        w_o = torch.stack([_orthogonal(head_dim, m, g) for _ in range(kv_heads)])
+        self.W_o = nn.Parameter(w_o)  # (Hkv, dh, m)
+        self.b_o = nn.Parameter(torch.zeros(kv_heads, 1, m))
+        self.W_g = nn.Parameter(torch.randn(kv_heads, head_dim, m, generator=g) * 0.02)
+        self.b_g = nn.Parameter(torch.full((kv_heads, 1, m), 2.0))  # gates start mostly open
+
+    def forward(self, x: Tensor, *, is_query: bool, key_mask: Tensor | None = None) -> Tensor:
+        B, Hx, N, dh = x.shape
+        hkv = self.W_o.shape[0]
+        xf = x.float().reshape(B, hkv, Hx // hkv * N, dh) if Hx != hkv else x.float()
+        out = F.softplus((xf @ self.W_o + self.b_o) * torch.sigmoid(xf @ self.W_g + self.b_g))
+        return out.reshape(B, Hx, N, self.num_features)
+
+    def penalty(self) -> Tensor:
+        wtw = self.W_o.transpose(-1, -2) @ self.W_o
+        eye = torch.eye(wtw.shape[-1], device=wtw.device, dtype=wtw.dtype)
+        return ((wtw - eye) ** 2).sum()
+
+
+def _orthogonal(d: int, m: int, g: torch.Generator) -> Tensor:
+    a = torch.randn(max(d, m), max(d, m), generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(a)
+    return q[:d, :m].float().contiguous()
