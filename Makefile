@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The embedded demo transformer (flurka_rewrite/demo.py, no download) through the real CLI,
+# then the converted program is loaded and run on new inputs beside the original.
 demo: $(STAMP)
-	$(VENV)/bin/flurka-rewrite --demo -o out/demo_model
+	$(VENV)/bin/flurka-rewrite --demo -o out/demo_flurka.pt2 --kernel performer --dk 64 \
+		--example-shape 2,256 --report out/demo_report.md --force
+	$(PY) -m flurka_rewrite.demo --check out/demo_flurka.pt2
 
 # TRITON_INTERPRET=1 runs the Triton kernels' tests on the CPU.
 test: $(STAMP)

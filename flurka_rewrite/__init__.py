@@ -5,7 +5,11 @@
     print(new_model.flurka_report)
 """
 from .attention import FlurkaAttention
+from .config import RewriteConfig
+from .convert import convert, plan
+from .report import RewriteReport, SiteReport
 
 __version__ = "0.1.0"
 
-__all__ = ["FlurkaAttention", "__version__"]
+__all__ = ["FlurkaAttention", "RewriteConfig", "RewriteReport", "SiteReport", "convert", "plan",
+           "__version__"]

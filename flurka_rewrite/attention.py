@@ -23,6 +23,8 @@ from torch import Tensor
 from flurka_rewrite.kernels.dispatch import BACKENDS, attention_core_dispatch
 from flurka_rewrite.kernels.feature_maps import FEATURE_MAPS, build_feature_map
 from flurka_rewrite.kernels.reference import (
+    is_exporting,
+    lowrank_bands,
     lowrank_keep,
     lowrank_project,
     softmax_attention,
@@ -101,8 +103,13 @@ class FlurkaAttention(nn.Module):
             self.F = nn.Parameter(init_lowrank(dk, max_seq_len, e_init, g))
             # Fixed support: a pool E stays block-structured while it trains.
             self.register_buffer("E_support", (self.E.detach() != 0).float(), persistent=True)
+            # A dense (gaussian) E needs no masking: skip the (dk, M_max) product per call.
+            self._dense = bool(self.E_support.all())
+            # Block structure of a pool E: project band by band (same result, fewer FLOPs).
+            self._bands = lowrank_bands(self.E_support)
         else:
             self.E = self.F = None
+            self._dense, self._bands = True, None
         self.feature_map = (
             None if kernel == "softmax" else build_feature_map(
                 kernel, head_dim=head_dim, kv_heads=kv_heads, num_features=num_features,
@@ -138,7 +145,7 @@ class FlurkaAttention(nn.Module):
             row = keep[:, -1]  # the last query sees every earlier key: its row is the padding
         else:
             row = keep[:, 0]
-            if keep.shape[1] > 1 and not torch.jit.is_tracing() and not torch.equal(
+            if keep.shape[1] > 1 and not is_exporting() and not torch.equal(
                     keep, row[:, None].expand_as(keep)):
                 raise ValueError(
                     "this attention mask varies across queries, which kernel/low-rank attention "
@@ -148,10 +155,13 @@ class FlurkaAttention(nn.Module):
 
     # -- hoisted down-sampling -----------------------------------------------------------
     def _proj(self, which: str) -> Tensor:
+        """E ("k") or F ("v") restricted to its fixed support: (dk, M_max)."""
+        if which not in ("k", "v"):
+            raise ValueError(f"which must be 'k' or 'v'; got {which!r}")
         P = self.E if which == "k" else self.F
         if P is None:
-            raise RuntimeError("project_kv needs a low-rank layer (dk set)")
-        return P * self.E_support
+            raise RuntimeError("project_kv needs a low-rank layer (dk set); this one has dk=None")
+        return P if self._dense else P * self.E_support
 
     def project_kv(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, which: str,
@@ -162,12 +172,12 @@ class FlurkaAttention(nn.Module):
         x (B, M, dm), weight (out, dm), bias (out,) -> (B, dk, out). Padded rows of X (and of
         the ones vector) are zeroed first."""
         P = self._proj(which)
-        ex = lowrank_project(x, P, key_padding_mask)  # (B, dk, dm)
+        ex = lowrank_project(x, P, key_padding_mask, bands=self._bands)  # (B, dk, dm)
         out = F.linear(ex, weight)
         if bias is not None:
             M = x.shape[-2]
             ones = x.new_ones(x.shape[0], M, 1)
-            e1 = lowrank_project(ones, P, key_padding_mask)  # (B, dk, 1)
+            e1 = lowrank_project(ones, P, key_padding_mask, bands=self._bands)  # (B, dk, 1)
             out = out + e1 * bias
         return out
 
@@ -201,11 +211,11 @@ class FlurkaAttention(nn.Module):
         if key_padding_mask is not None:
             keep = key_padding_mask.bool() if keep is None else keep & key_padding_mask.bool()
         if self.dk is not None:
-            E, F_ = self.E * self.E_support, self.F * self.E_support
             if source_len is None:
-                k = lowrank_project(k, E, keep)
-                v = lowrank_project(v, F_, keep)
-            keep = lowrank_keep(E, F_, M, keep, q.shape[0])
+                k = lowrank_project(k, self._proj("k"), keep, bands=self._bands)
+                v = lowrank_project(v, self._proj("v"), keep, bands=self._bands)
+            # Empty rows (support only on padding or past M) become masked keys.
+            keep = lowrank_keep(self.E_support, self.E_support, M, keep, q.shape[0])
         return attention_core_dispatch(
             q, k, v, feature_map=self.feature_map, key_padding_mask=keep, causal=self.causal,
             scale=self.scale, eps=self.eps, chunk_size=self.chunk_size, backend=self.backend)

@@ -1,9 +1,27 @@
-"""The rewrite report (DESIGN section 5): one ``SiteReport`` per attention site found."""
+"""The rewrite report (DESIGN section 5): one ``SiteReport`` per attention site found.
+
+``RewriteReport`` prints as a terminal table (``str(report)``), serializes to a dict / JSON with
+exactly the contract fields (``to_dict``, ``to_json``, ``from_dict``), and renders Markdown
+(``to_markdown``) with a summary, the table, and per site a Mermaid picture of the site before
+and after rewriting.
+
+Picture hook: the compiler sets ``report.graphs[site.path] = (before, after)``, two
+``networkx.DiGraph`` of the site's region. Node attributes (all optional): ``label`` (text
+shown; default "name: target" from the ``op``/``target`` attributes that
+``passes.graph_nx.to_digraph`` sets, else ``str(node)``) and ``kind`` (``"input"``, ``"output"``, ``"site"`` = a node of
+the original attention, ``"flurka"`` = a node the rewrite added, anything else = plain). Edge
+attribute ``label`` (optional). ``digraph_from_fx`` builds such a graph from FX nodes. The
+graphs are not serialized: ``to_dict``/``to_json`` hold the contract fields only.
+"""
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Iterable
+
+# Mermaid pictures of bigger regions are cut to this many nodes (a note says so).
+MAX_MERMAID_NODES = 80
 
 
 @dataclass
@@ -38,6 +56,8 @@ class RewriteReport:
     sites: list[SiteReport] = field(default_factory=list)
     model: str | None = None  # class name of the converted model
     config: dict[str, Any] = field(default_factory=dict)  # the options used (JSON-able)
+    # site path -> (before, after) networkx.DiGraph for the Markdown pictures; not serialized.
+    graphs: dict[str, tuple[Any, Any]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -62,3 +82,244 @@ class RewriteReport:
         names = {f.name for f in fields(SiteReport)}
         sites = [SiteReport(**{k: v for k, v in s.items() if k in names}) for s in d["sites"]]
         return cls(sites=sites, model=d.get("model"), config=d.get("config", {}))
+
+    # -- rendering -----------------------------------------------------------------------
+    def summary(self) -> str:
+        """One line: model, site counts and total attention FLOPs before -> after."""
+        n, r = len(self.sites), len(self.rewritten)
+        line = (f"{self.model or 'model'}: {n} attention site{'s' if n != 1 else ''} found, "
+                f"{r} rewritten, {n - r} skipped")
+        before, after = _total_flops(self.sites)
+        if before:
+            line += f"; attention FLOPs {format_flops_change(before, after)}"
+        return line
+
+    def __str__(self) -> str:
+        """Terminal table, one row per site; reasons are listed as numbered notes below it."""
+        rows, notes = [], []
+        for s in self.sites:
+            row = _site_cells(s)
+            if s.reason:
+                notes.append(s.reason)
+                row[-1] = f"[{len(notes)}]"
+            rows.append(row)
+        lines = [f"flurka-rewrite report: {self.summary()}"]
+        if self.config:
+            lines.append("options: " + " ".join(f"{k}={v}" for k, v in self.config.items()
+                                                if v is not None))
+        lines.append(_text_table(COLUMNS, rows) if rows else "(no attention sites found)")
+        for i, note in enumerate(notes, 1):
+            lines.extend(textwrap.wrap(note, width=100, initial_indent=f"[{i}] ",
+                                       subsequent_indent=" " * (len(str(i)) + 3)))
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        """Markdown: summary, options, the site table, and per site its before/after picture
+        (Mermaid flowcharts) when the compiler attached graphs."""
+        out = ["# flurka-rewrite report", "", f"**{self.summary()}**", ""]
+        if self.config:
+            out.append("Options: " + ", ".join(f"`{k}={v}`" for k, v in self.config.items()
+                                               if v is not None))
+            out.append("")
+        if not self.sites:
+            out.append("No attention sites were found.")
+            return "\n".join(out) + "\n"
+        out.append(_md_table(COLUMNS, [_site_cells(s) for s in self.sites]))
+        pictured = [s for s in self.sites if s.path in self.graphs]
+        if pictured:
+            out += ["", "## Sites, before and after"]
+        for s in pictured:
+            before, after = self.graphs[s.path]
+            out += ["", f"### `{s.path}` ({s.status})", ""]
+            if s.reason:
+                out += [f"{s.reason}", ""]
+            out += ["Before:", "", "```mermaid", to_mermaid(before), "```", ""]
+            if s.status == "rewritten" and after is not None:
+                out += ["After:", "", "```mermaid", to_mermaid(after), "```"]
+            else:
+                out.append("Left as it is.")
+        return "\n".join(out) + "\n"
+
+
+# -- cells -------------------------------------------------------------------------------
+COLUMNS = ("path", "pattern", "status", "kernel", "dk", "m", "N", "heads", "causal", "mask",
+           "hoisted", "FLOPs before->after (ratio)", "rel_error", "reason")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def format_flops(n: int | float) -> str:
+    """1234567 -> '1.23M' (SI prefixes K, M, G, T, P)."""
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}" if isinstance(n, float) else str(n)
+
+
+def format_flops_change(before: int | None, after: int | None) -> str:
+    """'1.2G -> 300M (4.00x fewer)'; '-' when unknown."""
+    if before is None:
+        return "-"
+    if after is None:
+        return format_flops(before)
+    text = f"{format_flops(before)} -> {format_flops(after)}"
+    if after > 0:
+        ratio = before / after
+        if abs(ratio - 1) < 0.005:
+            text += " (same)"
+        else:
+            text += f" ({ratio:.2f}x fewer)" if ratio > 1 else f" ({1 / ratio:.2f}x more)"
+    return text
+
+
+def _site_cells(s: SiteReport) -> list[str]:
+    n = _cell(s.seq_len)
+    if s.kv_seq_len is not None and s.kv_seq_len != s.seq_len:
+        n = f"{n}x{s.kv_seq_len}"  # queries x keys (cross-attention)
+    heads = _cell(s.heads)
+    if s.kv_heads is not None and s.kv_heads != s.heads:
+        heads = f"{heads}/{s.kv_heads}kv"  # GQA
+    err = "-" if s.rel_error is None else f"{s.rel_error:.2e}"
+    return [s.path, s.pattern, s.status, _cell(s.kernel), _cell(s.dk), _cell(s.num_features), n,
+            heads, _cell(s.causal), _cell(s.mask), _cell(s.hoisted),
+            format_flops_change(s.flops_before, s.flops_after), err, _cell(s.reason)]
+
+
+def _total_flops(sites: Iterable[SiteReport]) -> tuple[int, int]:
+    """Sum of FLOPs before and after over sites that report both (skipped sites: after =
+    before)."""
+    before = after = 0
+    for s in sites:
+        if s.flops_before is None:
+            continue
+        before += s.flops_before
+        after += s.flops_after if s.flops_after is not None else s.flops_before
+    return before, after
+
+
+def _text_table(header: Iterable[str], rows: list[list[str]]) -> str:
+    header = list(header)
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), "  ".join("-" * w for w in widths)]
+    lines += [fmt.format(*r).rstrip() for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: Iterable[str], rows: list[list[str]]) -> str:
+    header = list(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [f"`{_md_escape(r[0])}`"] + [_md_escape(c) for c in r[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- Mermaid -----------------------------------------------------------------------------
+_SHAPES = {"input": ('(["', '"])'), "output": ('(["', '"])'), "flurka": ('{{"', '"}}')}
+_CLASSES = {
+    "site": "fill:#fdebd0,stroke:#b9770e",
+    "flurka": "fill:#d5f5e3,stroke:#1e8449,stroke-width:2px",
+    "input": "fill:#eaf2f8,stroke:#2e86c1",
+    "output": "fill:#eaf2f8,stroke:#2e86c1",
+}
+
+
+def _mermaid_text(text: str) -> str:
+    """Escape a label for a quoted Mermaid node label."""
+    return (text.replace("#", "#35;").replace('"', "#quot;").replace("<", "#lt;")
+            .replace(">", "#gt;").replace("\n", " "))
+
+
+def _short_target(target: str) -> str:
+    """'<built-in function matmul>' -> 'matmul'; '<function softmax at 0x..>' -> 'softmax';
+    'aten.softmax.int' -> 'aten.softmax'."""
+    if target.startswith("<"):
+        words = target.strip("<>").split()
+        target = words[2] if words[:2] == ["built-in", "function"] and len(words) > 2 else (
+            words[1] if len(words) > 1 else target)
+    if target.startswith("aten.") and target.count(".") == 2:
+        target = target.rsplit(".", 1)[0]
+    return target
+
+
+def _node_label(node: Any, attrs: dict[str, Any]) -> str:
+    """The ``label`` attribute, else 'name: target' from the ``op``/``target`` attributes that
+    ``passes.graph_nx.to_digraph`` sets, else the node itself."""
+    if attrs.get("label") is not None:
+        return str(attrs["label"])
+    if attrs.get("target") is not None and attrs.get("op") not in ("placeholder", "output",
+                                                                     "get_attr"):
+        target = _short_target(str(attrs["target"]))
+        if str(node).rstrip("0123456789").rstrip("_") == target.split(".")[-1]:
+            return str(node)  # "matmul_1: matmul" says nothing more than "matmul_1"
+        return f"{node}: {target}"
+    return str(node)
+
+
+def to_mermaid(graph: Any, *, direction: str = "TD",
+               max_nodes: int = MAX_MERMAID_NODES) -> str:
+    """A ``networkx.DiGraph`` as a Mermaid flowchart (node ids renamed n0, n1, ... in
+    topological order when acyclic). Node attrs: ``label``, ``kind``; edge attr ``label``."""
+    import networkx as nx
+
+    try:
+        order = list(nx.topological_sort(graph))
+    except nx.NetworkXUnfeasible:  # cyclic: keep insertion order
+        order = list(graph.nodes)
+    shown = order[:max_nodes]
+    ids = {node: f"n{i}" for i, node in enumerate(shown)}
+    lines = [f"flowchart {direction}"]
+    used: dict[str, list[str]] = {}
+    for node in shown:
+        attrs = graph.nodes[node]
+        kind = attrs.get("kind") or {"placeholder": "input", "output": "output"}.get(
+            attrs.get("op"))
+        left, right = _SHAPES.get(kind, ('["', '"]'))
+        lines.append(f"    {ids[node]}{left}{_mermaid_text(_node_label(node, attrs))}{right}")
+        if kind in _CLASSES:
+            used.setdefault(kind, []).append(ids[node])
+    for u, v, attrs in graph.edges(data=True):
+        if u in ids and v in ids:
+            label = attrs.get("label")
+            arrow = f' -->|"{_mermaid_text(str(label))}"| ' if label else " --> "
+            lines.append(f"    {ids[u]}{arrow}{ids[v]}")
+    if len(order) > len(shown):
+        lines.append(f'    more["... {len(order) - len(shown)} more nodes not shown"]')
+    for kind, members in used.items():
+        lines.append(f"    classDef {kind} {_CLASSES[kind]}")
+        lines.append(f"    class {','.join(members)} {kind}")
+    return "\n".join(lines)
+
+
+def digraph_from_fx(nodes: Iterable[Any], *, kinds: dict[str, str] | None = None) -> Any:
+    """A ``networkx.DiGraph`` of FX nodes (a ``torch.fx.Graph``'s ``.nodes`` or a subset) for
+    ``to_mermaid``: one graph node per FX node, named ``node.name``, with attributes ``op`` and
+    ``target``; edges follow the FX uses inside the set. ``kinds`` maps node names to a kind."""
+    import networkx as nx
+    import torch
+
+    nodes = list(nodes)
+    names = {n.name for n in nodes}
+    kinds = kinds or {}
+    g = nx.DiGraph()
+    for n in nodes:
+        target = n.target if isinstance(n.target, str) else str(n.target) if isinstance(
+            n.target, torch._ops.OpOverload) else getattr(n.target, "__name__", str(n.target))
+        kind = kinds.get(n.name)
+        g.add_node(n.name, op=n.op, target=target, **({"kind": kind} if kind else {}))
+    for n in nodes:
+        for user in n.users:
+            if user.name in names:
+                g.add_edge(n.name, user.name)
+    return g

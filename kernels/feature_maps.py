@@ -49,6 +49,17 @@ class FeatureMap(nn.Module):
         """The map written as its plain formula, without any stabilizer (test oracle)."""
         return self.forward(x, is_query=is_query)
 
+    def causal_key_features(
+        self, x: Tensor, key_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """phi(k) for causal attention, and an optional per-key log scale (B, Hx, N).
+
+        A stabilizer shared by all keys would let a future key change the scale of past ones
+        (and, through underflow and eps, the output). Maps that need one (the performer)
+        return phi(k_j) / exp(log_scale_j) with log_scale_j depending on key j only; the causal
+        kernel rescales by a running maximum. Maps without a stabilizer return (phi, None)."""
+        return self.forward(x, is_query=False, key_mask=key_mask), None
+
     def penalty(self) -> Tensor | None:
         """Optional regularizer to add to the training loss (ffk orthogonality)."""
         return None
@@ -71,7 +82,10 @@ def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> Tensor:
     blocks = []
     for _ in range(math.ceil(m / d)):
         g = torch.randn(d, d, generator=generator, dtype=torch.float64)
-        q, _ = torch.linalg.qr(g)
+        q, r = torch.linalg.qr(g)
+        # Sign-fix the columns (Q diag(sign R)) so that Q is Haar-distributed: without it,
+        # LAPACK's sign convention biases the directions and the estimator.
+        q = q * torch.sign(torch.diagonal(r))[None, :]
         blocks.append(q.T)
     w = torch.cat(blocks, 0)[:m]
     # chi(d)-distributed norms, i.e. the norms rows of an unstructured Gaussian would have.
@@ -84,9 +98,13 @@ class PerformerFeatures(FeatureMap):
     """FAVOR+ positive random features approximating exp(s q.k).
 
     x' = s^(1/2) x;  phi(x) = m^(-1/2) exp(W x' - |x'|^2/2 - c)
-    c: per-row max of the exponent for queries, one max over all (real) keys of a (batch, head)
-    for keys. Both cancel in the attention ratio. W is redrawn every ``redraw_interval`` forward
-    calls in training mode (seeded: draw i uses seed + i), and is fixed in eval mode.
+    c: per-row log-sum-exp of the exponent for queries (phi(q) is a softmax over features),
+    one max over all (real) keys of a (batch, head) for keys. Both cancel in the attention ratio, so ``forward`` equals ``formula`` up to a
+    positive constant per query row and per (batch, head) of keys. Causal attention uses
+    ``causal_key_features`` instead (a per-key stabilizer, undone by a running max).
+    W is redrawn every ``redraw_interval`` calls of ``step()`` in training mode (the owning
+    FlurkaAttention steps once per training forward); draw i is seeded by seed*1_000_003 + i,
+    so the same seed gives the same sequence of W. Eval mode never redraws.
     """
 
     def __init__(
@@ -113,32 +131,53 @@ class PerformerFeatures(FeatureMap):
         return orthogonal_gaussian(self.num_features, self.head_dim, g)
 
     def redraw(self) -> None:
-        """Draw a new W (the next in the seeded sequence)."""
+        """Draw a new W (the next in the seeded sequence). The buffer is replaced, not written
+        in place, so a graph built on the old W (gradient accumulation) stays valid."""
         self.draws += 1
-        self.W.copy_(self._draw(int(self.draws)).to(self.W.device))
+        self.W = self._draw(int(self.draws)).to(self.W.device)
 
     def step(self) -> None:
-        """Count one training forward and redraw W when the schedule says so."""
+        """Count one training forward and redraw W when the schedule says so: calls
+        0..R-1 use draw 0, calls R..2R-1 draw 1, ... (R = redraw_interval). No-op in eval."""
         if not self.training or not self.redraw_interval:
             return
         if int(self.calls) > 0 and int(self.calls) % int(self.redraw_interval) == 0:
             self.redraw()
         self.calls += 1
 
+    def _projection(self) -> Tensor:
+        """(m, dh) fp32: W with the s^(1/2) of x' = s^(1/2) x folded in (W x' = (s^(1/2) W) x)."""
+        return self.W.float() * self.scale**0.5
+
     def exponent(self, x: Tensor) -> Tensor:
         """W x' - |x'|^2 / 2 in fp32: (B, Hx, N, m)."""
-        xs = x.float() * self.scale**0.5
-        return xs @ self.W.t() - 0.5 * (xs * xs).sum(-1, keepdim=True)
+        xf = x.float()
+        u = xf @ self._projection().t()
+        sq = (xf * xf).sum(-1, keepdim=True) * (0.5 * self.scale)  # |x'|^2 / 2
+        return u.sub_(sq)
 
     def forward(self, x: Tensor, *, is_query: bool, key_mask: Tensor | None = None) -> Tensor:
-        u = self.exponent(x)  # (B, Hx, N, m)
         if is_query:
-            c = u.amax(dim=-1, keepdim=True)
-        else:
-            uu = u if key_mask is None else u.masked_fill(~key_mask, float("-inf"))
-            c = uu.amax(dim=(-2, -1), keepdim=True).clamp_min(-1e30)  # all-padded: finite
-        c = c.detach()  # a constant that cancels in the ratio; no gradient through it
-        return torch.exp(u - c) * self.num_features**-0.5
+            # Per-row stabilizer c_i = log sum_f exp(u_if), i.e. a softmax over the features:
+            # one fused kernel (max, exp, sum) instead of four passes, features in (0, 1] that
+            # sum to 1 (no overflow, no underflow of the row's largest ones). The -|x'|^2/2
+            # term and m^(-1/2) are constant along the row, so they cancel and are skipped.
+            return torch.softmax(x.float() @ self._projection().t(), dim=-1)  # (B, Hx, N, m)
+        u = self.exponent(x)  # (B, Hx, N, m)
+        uu = u.detach() if key_mask is None else u.detach().masked_fill(~key_mask, -math.inf)
+        # One max over all (real) keys and features of a (batch, head): it cancels in the
+        # ratio. All keys padded: the max is -inf; clamp keeps exp(u - c) finite.
+        c = uu.amax(dim=(-2, -1), keepdim=True).clamp_min(-1e30)
+        # In place: u is not needed by autograd (its matmul saved the inputs, exp its output).
+        return u.sub_(c + 0.5 * math.log(self.num_features)).exp_()  # m^(-1/2) folded in
+
+    def causal_key_features(
+        self, x: Tensor, key_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        u = self.exponent(x)  # (B, Hx, N, m)
+        ls = u.detach().amax(dim=-1)  # (B, Hx, N): depends on key j only
+        phi = (u - (ls[..., None] + 0.5 * math.log(self.num_features))).exp()
+        return phi, ls
 
     def formula(self, x: Tensor, *, is_query: bool) -> Tensor:
         return torch.exp(self.exponent(x)) * self.num_features**-0.5
@@ -202,7 +241,8 @@ class FeedForwardKernel(FeatureMap):
         B, Hx, N, dh = x.shape
         hkv = self.W_o.shape[0]
         xf = x.float().reshape(B, hkv, Hx // hkv * N, dh) if Hx != hkv else x.float()
-        out = F.softplus((xf @ self.W_o + self.b_o) * torch.sigmoid(xf @ self.W_g + self.b_g))
+        w_o, b_o, w_g, b_g = (p.float() for p in (self.W_o, self.b_o, self.W_g, self.b_g))
+        out = F.softplus((xf @ w_o + b_o) * torch.sigmoid(xf @ w_g + b_g))
         return out.reshape(B, Hx, N, self.num_features)
 
     def penalty(self) -> Tensor:

@@ -1,0 +1,400 @@
+"""``flurka-rewrite``: convert a model file's softmax attention into FLuRKA attention.
+
+    flurka-rewrite INPUT -o OUTPUT [--kernel K] [--dk N|auto|none] [--num-features M]
+        [--example-shape B,N] [--report FILE.json|FILE.md] [--dry-run] [--onnx FILE.onnx]
+        [--seed S] [--backend B] [--trust-pickle] [--force] [--demo]
+
+Steps (one progress line each on stderr): load, convert, measure, write. The report table goes
+to stdout. Every error is one line on stderr and a distinct exit code (``EXIT_CODES``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Callable, NoReturn
+
+import torch
+
+from flurka_rewrite.config import KERNEL_CHOICES, RewriteConfig
+from flurka_rewrite.io import (
+    CliError, ConversionError, FeatureUnavailableError, LoadedModel, NoAttentionError,
+    OutputExistsError, UsageError, _one_line, example_inputs_for, load_model, seq_len_of,
+)
+from flurka_rewrite.kernels.dispatch import BACKENDS
+
+PROG = "flurka-rewrite"
+EXIT_CODES = {
+    0: "success",
+    1: "internal error (a bug: rerun with --debug and report the traceback)",
+    2: "invalid option (--dk 0, --dk larger than the sequence, unknown kernel, ...)",
+    3: "input missing, unreadable, truncated or corrupt",
+    4: "pickled model refused: unpickling can run arbitrary code (see --trust-pickle)",
+    5: "the input holds weights (a state_dict), not a model",
+    6: "no attention found in the model",
+    7: "conversion failed (or the converted model could not be exported)",
+    8: "output exists (use --force) or is the input (never overwritten)",
+    9: "feature not available in this build (e.g. --onnx, directory outputs)",
+    130: "interrupted",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {PROG} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; its epilog documents the exit codes."""
+    epilog = "exit codes:\n" + "\n".join(f"  {c:>3}  {t}" for c, t in EXIT_CODES.items())
+    epilog += (
+        "\n\ninputs: a torch.export program (.pt2), a Hugging Face model directory (config.json"
+        "\n+ safetensors, loaded offline), or with --trust-pickle a torch.save(model) file."
+        "\noutputs: OUT.pt2 (torch.export of the converted model on the example inputs) or"
+        "\nOUT.pt (torch.save of the module: loading it back runs pickle, so only load files"
+        "\nyou trust, with torch.load(path, weights_only=False)).")
+    p = _Parser(prog=PROG, description="Replace the softmax attention of a model by FLuRKA "
+                "attention (low-rank + kernel)\nand report every attention site found.",
+                epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", nargs="?", metavar="INPUT", help="model file or directory")
+    p.add_argument("-o", "--output", metavar="OUTPUT", help="converted model: OUT.pt2 or OUT.pt")
+    p.add_argument("--demo", action="store_true",
+                   help="use the built-in demo transformer as INPUT (no file, no download)")
+    p.add_argument("--kernel", default="auto", metavar="K",
+                   help=f"feature map: {', '.join(KERNEL_CHOICES)} (default auto)")
+    p.add_argument("--dk", default="256", metavar="N|auto|none",
+                   help="rank of the sequence projection; none = no low-rank (default 256)")
+    p.add_argument("--num-features", type=int, metavar="M", help="performer features m")
+    p.add_argument("--example-shape", metavar="B,N",
+                   help="example input shape: token ids (B, N) for models with an embedding, "
+                        "floats (B, N, d) for models that start with a Linear")
+    p.add_argument("--report", metavar="FILE.json|FILE.md", help="also write the report")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be rewritten; write no model (only --report if given)")
+    p.add_argument("--onnx", metavar="FILE.onnx", help="also export the converted model to ONNX")
+    p.add_argument("--seed", type=int, default=0, help="seed of E, F and random features")
+    p.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)}")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a pickled model (.pt/.pth): this can run arbitrary code")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines or warnings")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
+
+def parse_dk(text: str) -> int | str | None:
+    """'auto' -> 'auto', 'none' -> None, '64' -> 64."""
+    low = text.strip().lower()
+    if low in ("auto", "none"):
+        return None if low == "none" else "auto"
+    try:
+        return int(low)
+    except ValueError:
+        raise UsageError(f"--dk must be a positive integer, 'auto' or 'none'; got {text!r}")
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """'2,256' -> (2, 256)."""
+    try:
+        B, N = (int(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--example-shape must be B,N (two integers), got {text!r}")
+    if B < 1 or N < 1:
+        raise UsageError(f"--example-shape sizes must be positive, got {text!r}")
+    return B, N
+
+
+class _Progress:
+    """'[i/n] step ...' lines on stderr."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total, self.quiet, self.i, self.t0 = total, quiet, 0, time.perf_counter()
+
+    def step(self, text: str) -> None:
+        self.i += 1
+        if not self.quiet:
+            dt = time.perf_counter() - self.t0
+            print(f"{PROG}: [{self.i}/{self.total}] {text} (t={dt:.1f}s)", file=sys.stderr,
+                  flush=True)
+
+
+# -- outputs ---------------------------------------------------------------------------------
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output(path: str, sources: list[str], force: bool, suffixes: tuple[str, ...]) -> str:
+    """Validate an output path before any work; return its suffix (or "dir")."""
+    for src in sources:
+        if src and _same_file(path, src):
+            raise OutputExistsError(f"output {path!r} is the input; {PROG} never overwrites its "
+                                    "input, choose another output path")
+    is_dir = path.endswith(os.sep) or os.path.isdir(path) or not os.path.splitext(path)[1]
+    kind = "dir" if is_dir else os.path.splitext(path)[1].lower()
+    if kind not in suffixes:
+        raise UsageError(f"unsupported output {path!r}: expected one of "
+                         f"{', '.join(s for s in suffixes if s != 'dir')}")
+    if os.path.exists(path) and not force:
+        raise OutputExistsError(f"output {path!r} exists; pass --force to overwrite it")
+    return kind
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path in the same directory, then rename it to
+    ``path``: an interrupted run leaves no half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".flurka-", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _split(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if inputs is None:
+        return (), {}
+    return ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
+
+
+def export_program(model: torch.nn.Module, inputs: Any, path: str) -> None:
+    """torch.export ``model`` on ``inputs`` (batch and sequence dims dynamic where the model
+    allows, else static) and save it atomically to ``path``."""
+    if inputs is None:
+        raise UsageError("writing a .pt2 needs example inputs: pass --example-shape B,N")
+    args, kwargs = _split(inputs)
+    config = getattr(model, "config", None)
+    if kwargs and getattr(config, "use_cache", False) and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False  # HF decoders: a KV cache object is no exportable output
+    auto = torch.export.Dim.AUTO
+    spec = lambda t: {0: auto, 1: auto} if isinstance(t, torch.Tensor) and t.dim() >= 2 else None  # noqa: E731
+    dyn = {k: spec(v) for k, v in kwargs.items()} if kwargs else tuple(spec(a) for a in args)
+    model = model.eval()
+    try:
+        try:
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dyn)
+        except Exception:  # noqa: BLE001 - fall back to the example shapes
+            ep = torch.export.export(model, args, kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(f"could not torch.export the converted model: {_one_line(e)}; "
+                              "write a .pt output instead") from e
+    atomic_write(path, lambda tmp: torch.export.save(ep, tmp))
+
+
+def write_model(model: torch.nn.Module, kind: str, path: str, inputs: Any) -> None:
+    """Write the converted model as ``.pt2``, ``.pt``/``.pth`` or a save directory."""
+    if kind == ".pt2":
+        export_program(model, inputs, path)
+    elif kind in (".pt", ".pth"):
+        try:
+            atomic_write(path, lambda tmp: torch.save(model, tmp))
+        except Exception as e:  # noqa: BLE001 - e.g. a class pickle cannot find by name
+            raise ConversionError(f"could not torch.save the converted model: {type(e).__name__}:"
+                                  f" {_one_line(e)}; write a .pt2 instead") from e
+    else:
+        import flurka_rewrite as fr
+
+        folder = os.path.dirname(os.path.abspath(path.rstrip(os.sep)))
+        tmp = tempfile.mkdtemp(prefix=".flurka-", dir=folder)
+        try:
+            fr.save(model, tmp)
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- the run ---------------------------------------------------------------------------------
+def _call(model: torch.nn.Module, inputs: Any) -> Any:
+    args, kwargs = _split(inputs)
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    """The first tensor of a model output (tensor, tuple, dict or Hugging Face ModelOutput)."""
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return next((t for t in leaves if isinstance(t, torch.Tensor)), None)
+
+
+def end_to_end_error(original: torch.nn.Module, converted: torch.nn.Module,
+                     inputs: Any) -> float | None:
+    """||y' - y|| / ||y|| of the models' first output tensor on ``inputs``."""
+    ref, out = _first_tensor(_call(original, inputs)), _first_tensor(_call(converted, inputs))
+    if ref is None or out is None or ref.shape != out.shape:
+        return None
+    ref, out = ref.double(), out.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _load(args: argparse.Namespace) -> LoadedModel:
+    if args.demo:
+        from flurka_rewrite.demo import build_demo_model
+
+        return LoadedModel(module=build_demo_model(), kind="demo", source="<demo>")
+    return load_model(args.input, trust_pickle=args.trust_pickle, quiet=args.quiet)
+
+
+def _validate(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
+    """Check every option and output path before any work; return the convert options and
+    the output kind."""
+    import flurka_rewrite as fr
+
+    if args.demo == bool(args.input):
+        raise UsageError("give exactly one of INPUT or --demo")
+    if not args.output and not args.dry_run:
+        raise UsageError("-o OUTPUT is required (or --dry-run)")
+    options = dict(kernel=args.kernel, dk=parse_dk(args.dk), num_features=args.num_features,
+                   backend=args.backend, seed=args.seed)
+    try:
+        RewriteConfig(**options)
+    except ValueError as e:
+        raise UsageError(f"invalid option: {e}") from e
+    if args.onnx and not hasattr(fr, "export_onnx"):
+        raise FeatureUnavailableError("--onnx is not available yet in this build "
+                                      "(flurka_rewrite.export_onnx); omit --onnx")
+    sources = [] if args.demo else [args.input]
+    out_kind = None
+    if args.output and not args.dry_run:
+        out_kind = check_output(args.output, sources, args.force, (".pt2", ".pt", ".pth", "dir"))
+        if out_kind == "dir" and not hasattr(fr, "save"):
+            raise FeatureUnavailableError(
+                f"directory outputs ({args.output!r}) need flurka_rewrite.save, not in this "
+                "build yet; write OUT.pt2 or OUT.pt")
+    if args.report:
+        check_output(args.report, sources, args.force, (".json", ".md"))
+    if args.onnx and not args.dry_run:
+        check_output(args.onnx, sources, args.force, (".onnx",))
+    return options, out_kind
+
+
+def _compile(loaded: LoadedModel, inputs: Any, options: dict[str, Any], dry_run: bool
+             ) -> tuple[Any, torch.nn.Module | None]:
+    """plan (dry run) or convert; the compiler's failures mapped onto CLI errors."""
+    try:
+        from flurka_rewrite.convert import convert, plan
+    except ModuleNotFoundError as e:
+        if e.name != "flurka_rewrite.convert":
+            raise
+        raise FeatureUnavailableError("the compiler (flurka_rewrite.convert) is not in this "
+                                      "build") from e
+    name = type(loaded.module).__name__
+    try:
+        if dry_run:
+            report, new_model = plan(loaded.module, example_inputs=inputs, **options), None
+        else:
+            new_model = convert(loaded.module, example_inputs=inputs, **options)
+            report = new_model.flurka_report
+    except CliError:
+        raise
+    except ValueError as e:
+        raise UsageError(f"invalid option for this model: {_one_line(e)}") from e
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(f"conversion of {name} failed: {type(e).__name__}: "
+                              f"{_one_line(e)}") from e
+    if not report.sites:
+        raise NoAttentionError(f"no attention found in {name}: nothing to rewrite")
+    return report, new_model
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, load, convert, measure, write. Raises ``CliError`` on every failure."""
+    import flurka_rewrite as fr
+
+    options, out_kind = _validate(args)
+    shape = parse_shape(args.example_shape) if args.example_shape else None
+    progress = _Progress(3 if args.dry_run else 4, args.quiet)
+    progress.step(f"loading {'the demo model' if args.demo else repr(args.input)}")
+    loaded = _load(args)
+    inputs = example_inputs_for(loaded, shape, seed=args.seed)
+    n, dk = seq_len_of(inputs), options["dk"]
+    if isinstance(dk, int) and n is not None and dk > n:
+        raise UsageError(f"--dk {dk} is larger than the sequence length {n} of the example "
+                         f"inputs; choose --dk <= {n} or a longer --example-shape")
+    progress.step(f"{'planning' if args.dry_run else 'converting'} "
+                  f"{type(loaded.module).__name__} (kernel={args.kernel}, dk={args.dk})")
+    report, new_model = _compile(loaded, inputs, options, args.dry_run)
+    err = None
+    if new_model is not None:
+        progress.step("measuring the converted model on the example inputs")
+        if inputs is not None:
+            try:
+                err = end_to_end_error(loaded.module, new_model, inputs)
+            except Exception as e:  # noqa: BLE001
+                raise ConversionError(f"the converted model fails on the example inputs: "
+                                      f"{type(e).__name__}: {_one_line(e)}") from e
+    measured = None if err is None else (
+        f"end-to-end: relative error of the model output on the example inputs = {err:.3e}")
+    print(report if measured is None else f"{report}\n{measured}")
+    if args.report:
+        _write_text(args.report, report.to_json() if args.report.lower().endswith(".json")
+                    else report.to_markdown() + (f"\n{measured}\n" if measured else ""))
+    if new_model is None:
+        return 0
+    progress.step(f"writing {args.output!r}")
+    write_model(new_model, out_kind, args.output, inputs)
+    if args.onnx:
+        try:
+            atomic_write(args.onnx, lambda tmp: fr.export_onnx(new_model, inputs, tmp))
+        except CliError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ConversionError(f"ONNX export failed: {_one_line(e)}") from e
+    if not args.quiet:
+        print(f"{PROG}: wrote {args.output}" + (f" and {args.onnx}" if args.onnx else ""),
+              file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: returns the exit code; errors are one line on stderr (``--debug``:
+    the traceback)."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        with warnings.catch_warnings():
+            # Deprecation notes from torch/transformers internals are not the user's business.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if args.quiet:
+                warnings.simplefilter("ignore")
+            return run(args)
+    except CliError as e:
+        if debug:
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - never a raw traceback
+        if debug:
+            raise
+        print(f"{PROG}: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug "
+              "for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""``convert`` and ``plan`` (DESIGN section 5): the compiler's one verb and its dry run.
+
+    capture (passes/capture.py) -> canonicalize/match (passes/match.py) -> legality
+    (passes/legality.py) -> cost model (passes/cost_model.py) -> rewrite (passes/rewrite.py,
+    passes/mha.py) -> report (flurka_rewrite/report.py)
+
+Each step returns its decisions on the ``Site`` objects; the report is assembled from them.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from flurka_rewrite.config import RewriteConfig
+from flurka_rewrite.passes import capture as cap_mod
+from flurka_rewrite.passes.plan_sites import Unit, analyse, decide
+from flurka_rewrite.passes.rewrite import build_attention, rel_error, rewrite_site
+from flurka_rewrite.passes.mha import FlurkaMultiheadAttention
+from flurka_rewrite.report import RewriteReport, SiteReport
+
+_OPTION_NAMES = ("kernel", "dk", "num_features", "backend", "seed", "filter_fn", "inplace",
+                 "e_init", "max_seq_len", "hoist")
+
+
+def _example_inputs(model: nn.Module, example_inputs: Any) -> Any:
+    if example_inputs is not None:
+        return example_inputs
+    dummy = getattr(model, "dummy_inputs", None)
+    if isinstance(dummy, dict) and dummy:
+        return dummy
+    raise ValueError(
+        f"{type(model).__name__} needs example inputs to find its attention: pass "
+        "example_inputs=(tensor, ...) (positional) or example_inputs={'name': tensor} (keyword), "
+        "shaped like a real batch")
+
+
+def _config_dict(cfg: RewriteConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["filter_fn"] = None if cfg.filter_fn is None else getattr(cfg.filter_fn, "__name__", "fn")
+    return d
+
+
+def _row(site, choice=None) -> SiteReport:
+    r = SiteReport(
+        path=site.path, pattern=site.pattern, status="rewritten" if site.ok else "skipped",
+        reason=site.reason, seq_len=site.seq_len, kv_seq_len=site.kv_seq_len,
+        heads=site.heads, kv_heads=site.kv_heads, head_dim=site.head_dim,
+        causal=site.causal if site.seq_len is not None else None,
+        mask=site.mask_kind if site.seq_len is not None else None)
+    if site.ok:
+        r.kernel, r.dk, r.num_features = site.kernel, site.dk, site.num_features
+        r.hoisted = site.hoisted
+        r.flops_before, r.flops_after = site.flops_before, site.flops_after
+        r.params_added, r.rel_error = site.params_added, site.rel_error
+        r.reason = "; ".join(site.notes_for_report) or None
+    else:
+        r.flops_before = site.flops_before
+    return r
+
+
+def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
+         ) -> tuple[nn.Module, RewriteReport]:
+    ex = _example_inputs(model, example_inputs)
+    target = model if (build and cfg.inplace) else copy.deepcopy(model)
+    was_training = target.training
+    target.eval()
+    try:
+        units = analyse(target, ex, cfg)
+        sites = [s for u in units for s in u.sites]
+        decide(target, sites, cfg)
+        if build:
+            for u in units:
+                _apply(u, cfg)
+    finally:
+        target.train(was_training)
+    report = RewriteReport(sites=[_row(s) for s in sorted(sites, key=lambda s: s.index)],
+                           model=type(model).__name__, config=_config_dict(cfg))
+    if build:
+        target.flurka_report = report
+    return target, report
+
+
+def _apply(u: Unit, cfg: RewriteConfig) -> None:
+    legal = [s for s in u.sites if s.ok]
+    if not legal:
+        return
+    if u.kind == "mha":
+        s = legal[0]
+        attn = _attn_for(s, cfg)
+        new = FlurkaMultiheadAttention(u.module, attn, cfg.hoist)
+        s.hoisted = new.hoist
+        s.rel_error = u.mha_rel_error(new)
+        parent_path, _, name = u.path.rpartition(".")
+        parent = u.root.get_submodule(parent_path) if parent_path else u.root
+        setattr(parent, name, new)
+        return
+    for s in legal:
+        attn = _attn_for(s, cfg)
+        s.rel_error = rel_error(s, u.values, attn)
+        name = f"flurka_{s.index}"
+        s.hoisted = rewrite_site(u.gm, s, name, attn, cfg.hoist)
+    u.gm.recompile()
+    cap_mod.install(u.module, u.gm)
+
+
+def _attn_for(s, cfg: RewriteConfig):
+    attn = build_attention(s, kernel=s.kernel, dk=s.dk, num_features=s.num_features,
+                           max_seq_len=s.max_seq_len, seed=cfg.seed + 7919 * s.index,
+                           e_init=cfg.e_init, backend=cfg.backend)
+    s.num_features = attn.num_features
+    s.params_added = sum(p.numel() for p in attn.parameters())
+    return attn
+
+
+def convert(
+    model: nn.Module,
+    *,
+    kernel: str = "auto",
+    dk: int | str | None = 256,
+    num_features: int | None = None,
+    example_inputs: Any = None,
+    backend: str = "auto",
+    seed: int = 0,
+    filter_fn: Callable[[str, Any], bool] | None = None,
+    inplace: bool = False,
+    **options: Any,
+) -> nn.Module:
+    """Replace the softmax attention sites of ``model`` by FLuRKA attention.
+
+    Returns the rewritten model (a deep copy unless ``inplace=True``; same class) with
+    ``.flurka_report`` (a ``RewriteReport``: one row per site found, rewritten or skipped).
+    Extra options: ``e_init`` ("pool" | "gaussian"), ``max_seq_len``, ``hoist`` (see
+    ``RewriteConfig``)."""
+    cfg = RewriteConfig(kernel=kernel, dk=dk, num_features=num_features, backend=backend,
+                        seed=seed, filter_fn=filter_fn, inplace=inplace, **options)
+    new, _ = _run(model, cfg, example_inputs, build=True)
+    return new
+
+
+def plan(
+    model: nn.Module,
+    *,
+    kernel: str = "auto",
+    dk: int | str | None = 256,
+    num_features: int | None = None,
+    example_inputs: Any = None,
+    backend: str = "auto",
+    seed: int = 0,
+    filter_fn: Callable[[str, Any], bool] | None = None,
+    inplace: bool = False,
+    **options: Any,
+) -> RewriteReport:
+    """Dry run of ``convert``: the same decisions, returned as a report; model untouched."""
+    cfg = RewriteConfig(kernel=kernel, dk=dk, num_features=num_features, backend=backend,
+                        seed=seed, filter_fn=filter_fn, inplace=inplace, **options)
+    _, report = _run(model, cfg, example_inputs, build=False)
+    return report

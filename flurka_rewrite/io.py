@@ -1,0 +1,384 @@
+"""Model files for the CLI: load an input model safely, build example inputs, write outputs.
+
+Inputs are recognised by content, not only by name:
+
+* a ``torch.export`` program (``.pt2``): loaded with ``torch.export.load``, no pickle;
+* a Hugging Face model directory (``config.json`` + safetensors): loaded offline;
+* a full pickled module (``torch.save(model)``, ``.pt``/``.pth``): unpickling can run arbitrary
+  code, so it is refused unless ``trust_pickle=True``;
+* a state_dict (``.pt`` of tensors, ``.safetensors``): refused, it holds no model code.
+
+Every failure raises a ``CliError`` subclass whose ``exit_code`` the CLI returns.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+
+class CliError(Exception):
+    """An error the CLI reports as one line and a distinct exit code."""
+
+    exit_code = 1
+
+
+class UsageError(CliError):
+    exit_code = 2  # invalid option or combination of options
+
+
+class InputFileError(CliError):
+    exit_code = 3  # input missing, unreadable, truncated or corrupt
+
+
+class UnsafePickleError(CliError):
+    exit_code = 4  # full pickled module refused without --trust-pickle
+
+
+class NotAModelError(CliError):
+    exit_code = 5  # the file holds weights (a state_dict), not a model
+
+
+class NoAttentionError(CliError):
+    exit_code = 6  # no attention site in the model
+
+
+class ConversionError(CliError):
+    exit_code = 7  # the compiler failed, or the converted model could not be exported
+
+
+class OutputExistsError(CliError):
+    exit_code = 8  # output exists (without --force) or is the input
+
+
+class FeatureUnavailableError(CliError):
+    exit_code = 9  # asked for a feature this build does not have yet
+
+
+@dataclass
+class LoadedModel:
+    """A model read from disk, with what the CLI needs to build example inputs."""
+
+    module: nn.Module
+    kind: str  # "pt2" | "hf" | "pickle" | "demo"
+    source: str
+    hf_config: Any = None
+    # example inputs recorded in the file (a .pt2 program's sample inputs): (args, kwargs)
+    recorded_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _quiet_torch_export() -> Iterator[None]:
+    """torch.export.load logs a full traceback at WARNING before it raises; keep it quiet."""
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch.export.pt2_archive._package")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def _zip_names(path: str) -> list[str] | None:
+    """Names in a zip archive, or None when the file is not a readable zip."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
+def load_model(path: str, *, trust_pickle: bool = False, quiet: bool = False) -> LoadedModel:
+    """Load the model in ``path`` (file or directory) for conversion; see the module docstring.
+    ``quiet`` hides the progress bars of Hugging Face loading."""
+    if not os.path.exists(path):
+        raise InputFileError(f"input {path!r} does not exist")
+    if os.path.isdir(path):
+        return _load_directory(path, quiet)
+    if not os.access(path, os.R_OK):
+        raise InputFileError(f"input {path!r} is not readable (check its permissions)")
+    if os.path.getsize(path) == 0:
+        raise InputFileError(f"input {path!r} is empty")
+    if path.endswith(".safetensors"):
+        raise NotAModelError(
+            f"{path!r} holds only weights (a state_dict in safetensors), not a model; pass the "
+            "Hugging Face model directory that holds it and its config.json")
+    names = _zip_names(path)
+    if names is not None and any(n.endswith("/archive_format") for n in names):
+        return _load_program(path)
+    if names is not None and not any(n.endswith("data.pkl") for n in names):
+        raise InputFileError(f"{path!r} is a zip archive but neither a torch.export program "
+                             "(.pt2) nor a torch.save file")
+    if names is None and path.endswith(".pt2"):
+        raise InputFileError(f"{path!r} is not a valid torch.export program (.pt2): the archive "
+                             "is truncated or corrupt; export the model again")
+    if names is None and not _starts_like_pickle(path):
+        raise InputFileError(f"{path!r} is not a readable PyTorch file (neither a zip archive "
+                             "nor a pickle): truncated or corrupt, or another format")
+    return _load_pickle(path, trust_pickle=trust_pickle)
+
+
+def _starts_like_pickle(path: str) -> bool:
+    """Legacy (pre-zip) torch.save files are pickles: protocol 2+ opens with 0x80."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def _export_load(path: str) -> Any:
+    """torch.export.load; programs of Hugging Face models return ModelOutput classes, whose
+    pytree registration happens when transformers is imported: on failure, import and retry."""
+    with _quiet_torch_export():
+        try:
+            return torch.export.load(path)
+        except Exception as first:  # noqa: BLE001
+            try:
+                import transformers.modeling_outputs  # noqa: F401
+            except ImportError:
+                raise first from None
+            return torch.export.load(path)
+
+
+def _load_program(path: str) -> LoadedModel:
+    try:
+        ep = _export_load(path)
+        module = ep.module()
+    except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
+        raise InputFileError(f"could not load the torch.export program {path!r} "
+                             f"({type(e).__name__}: {_one_line(e)})") from e
+    recorded = None
+    try:
+        ex = ep.example_inputs
+        if ex is not None:
+            recorded = (tuple(ex[0]), dict(ex[1]))
+    except Exception:  # noqa: BLE001 - programs saved without sample inputs
+        recorded = None
+    return LoadedModel(module=module, kind="pt2", source=path, recorded_inputs=recorded)
+
+
+def _looks_like_state_dict(obj: Any) -> bool:
+    if isinstance(obj, dict) and obj:
+        return all(isinstance(v, torch.Tensor) or _looks_like_state_dict(v) for v in obj.values())
+    return False
+
+
+def _load_pickle(path: str, *, trust_pickle: bool) -> LoadedModel:
+    # First the safe loader: it reads state_dicts and tensors but no classes.
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise InputFileError(f"{path!r} is not a readable PyTorch file: "
+                                 f"{_one_line(e)}") from e
+        if not trust_pickle:
+            raise UnsafePickleError(
+                f"{path!r} is a pickled Python object (e.g. torch.save(model)); unpickling it "
+                "can execute arbitrary code, so it is refused. If you trust where this file "
+                "came from, rerun with --trust-pickle; safer: save the model with "
+                "torch.export (.pt2) or as a Hugging Face directory") from e
+        obj = _load_trusted(path)
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad magic, ...
+        raise InputFileError(f"{path!r} is not a readable PyTorch file (truncated or corrupt?): "
+                             f"{type(e).__name__}: {_one_line(e)}") from e
+    if isinstance(obj, nn.Module):
+        return LoadedModel(module=obj.eval(), kind="pickle", source=path)
+    if _looks_like_state_dict(obj):
+        n = sum(1 for _ in _tensors(obj))
+        raise NotAModelError(
+            f"{path!r} holds a state_dict ({n} tensors), not a model: it has no code to "
+            "rewrite. Load it into your model in Python and call flurka_rewrite.convert, or "
+            "save the model as a torch.export program (.pt2)")
+    raise NotAModelError(f"{path!r} holds a {type(obj).__name__}, not an nn.Module")
+
+
+def _load_trusted(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError, ImportError) as e:
+        raise InputFileError(f"could not unpickle {path!r}: {_one_line(e)} (the model's class "
+                             "must be importable from the current environment)") from e
+    except Exception as e:  # noqa: BLE001
+        raise InputFileError(f"could not unpickle {path!r}: {_one_line(e)}") from e
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+
+
+def _load_directory(path: str, quiet: bool) -> LoadedModel:
+    if not os.path.exists(os.path.join(path, "config.json")):
+        import flurka_rewrite as fr
+
+        if hasattr(fr, "load"):  # a directory written by flurka_rewrite.save (later issue)
+            try:
+                return LoadedModel(module=fr.load(path), kind="flurka", source=path)
+            except Exception as e:  # noqa: BLE001
+                raise InputFileError(f"could not load {path!r}: {_one_line(e)}") from e
+        raise InputFileError(f"directory {path!r} has no config.json: it is not a Hugging Face "
+                             "model directory")
+    return _load_hf(path, quiet)
+
+
+def _load_hf(path: str, quiet: bool) -> LoadedModel:
+    # Never download: local_files_only on every call (HF_HUB_OFFLINE only counts when set
+    # before huggingface_hub is first imported).
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import transformers
+    except ImportError as e:
+        raise FeatureUnavailableError("loading a Hugging Face directory needs transformers: "
+                                      "pip install 'flurka-rewrite[hf]'") from e
+    hf_log = transformers.utils.logging
+    verbosity, bars = hf_log.get_verbosity(), hf_log.is_progress_bar_enabled()
+    hf_log.set_verbosity_error()  # config notes are not our errors
+    if quiet:
+        hf_log.disable_progress_bar()
+    try:
+        return _load_hf_quietly(transformers, path)
+    finally:
+        hf_log.set_verbosity(verbosity)
+        if bars:
+            hf_log.enable_progress_bar()
+
+
+def _load_hf_quietly(transformers: Any, path: str) -> LoadedModel:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            json.load(f)
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise InputFileError(f"could not read {os.path.join(path, 'config.json')!r}: "
+                             f"{_one_line(e)}") from e
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    cls = cls or transformers.AutoModel
+    try:
+        model = cls.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - missing / corrupt weights
+        raise InputFileError(f"could not load the Hugging Face model in {path!r} with "
+                             f"{cls.__name__}: {_one_line(e)}") from e
+    return LoadedModel(module=model.eval(), kind="hf", source=path, hf_config=config)
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- example inputs ------------------------------------------------------------------------
+def _embedding_vocab(module: nn.Module) -> int | None:
+    """Vocabulary size of the first embedding: an nn.Embedding, or an aten.embedding node of
+    an exported graph."""
+    for m in module.modules():
+        if isinstance(m, nn.Embedding):
+            return m.num_embeddings
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return None
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
+            w = node.args[0]
+            if getattr(w, "op", None) == "get_attr":
+                return int(module.get_parameter(w.target).shape[0])
+            val = getattr(w, "meta", {}).get("val")
+            if val is not None:
+                return int(val.shape[0])
+    return None
+
+
+def _first_layer(module: nn.Module) -> nn.Module | None:
+    for m in module.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            return m
+    return None
+
+
+def example_inputs_for(loaded: LoadedModel, shape: tuple[int, int] | None,
+                       seed: int = 0) -> tuple[Any, ...] | dict[str, Any] | None:
+    """Example inputs for ``convert``: from ``--example-shape B,N`` when given, else the
+    inputs recorded in the file (.pt2), the model's ``dummy_inputs`` (Hugging Face), or None
+    (the compiler then traces without inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    model = loaded.module
+    if shape is None:
+        if loaded.recorded_inputs is not None:
+            args, kwargs = loaded.recorded_inputs
+            return _args_or_kwargs(args, kwargs)
+        if loaded.kind == "demo":
+            from flurka_rewrite.demo import demo_inputs
+
+            return demo_inputs()
+        dummy = getattr(model, "dummy_inputs", None)
+        return dict(dummy) if isinstance(dummy, dict) else None
+    B, N = shape
+    vocab = _embedding_vocab(model)
+    if loaded.hf_config is not None:
+        vocab = getattr(loaded.hf_config, "vocab_size", None) or vocab
+        if getattr(model, "main_input_name", "input_ids") != "input_ids" or not vocab:
+            raise UsageError(f"--example-shape B,N builds token ids, but {type(model).__name__} "
+                             f"takes {getattr(model, 'main_input_name', '?')!r}; omit "
+                             "--example-shape to use the model's dummy inputs")
+        ids = torch.randint(0, vocab, (B, N), generator=g)  # (B, N)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones(B, N, dtype=torch.long)}
+        if getattr(loaded.hf_config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = ids.clone()
+        return inputs
+    if loaded.kind == "demo":
+        from flurka_rewrite.demo import demo_inputs
+
+        return demo_inputs(B, N, seed=seed)
+    if loaded.recorded_inputs is not None:  # reshape the recorded inputs to (B, N, ...)
+        args, kwargs = loaded.recorded_inputs
+        make = lambda name, t: _like(t, name, B, N, vocab or 2, g)  # noqa: E731
+        return _args_or_kwargs(tuple(make("", t) for t in args),
+                               {k: make(k, t) for k, t in kwargs.items()})
+    first = _first_layer(model)
+    if isinstance(first, nn.Embedding):
+        return (torch.randint(0, first.num_embeddings, (B, N), generator=g),)  # (B, N)
+    if isinstance(first, nn.Linear):
+        return (torch.randn(B, N, first.in_features, generator=g),)  # (B, N, d)
+    raise UsageError(f"cannot build inputs of shape {B},{N} for {type(model).__name__}, whose "
+                     f"first layer is {type(first).__name__}; convert it from Python with "
+                     "flurka_rewrite.convert(model, example_inputs=...)")
+
+
+def _like(t: Any, name: str, B: int, N: int, vocab: int, g: torch.Generator) -> Any:
+    """A new tensor like the recorded ``t`` with its first two dims set to (B, N)."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 2:
+        return t
+    shape = (B, N, *t.shape[2:])
+    if t.dtype == torch.bool or "mask" in name:
+        return torch.ones(shape, dtype=t.dtype)
+    if t.dtype.is_floating_point:
+        return torch.randn(shape, generator=g).to(t.dtype)
+    return torch.randint(0, vocab, shape, generator=g).to(t.dtype)
+
+
+def _args_or_kwargs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | dict:
+    if args and kwargs:
+        raise UsageError("the recorded inputs mix positional and keyword arguments, which "
+                         "convert cannot take; pass --example-shape")
+    return dict(kwargs) if kwargs else tuple(args)
+
+
+def seq_len_of(inputs: tuple[Any, ...] | dict[str, Any] | None) -> int | None:
+    """N of the first 2-D-or-more tensor among the example inputs."""
+    values = inputs.values() if isinstance(inputs, dict) else (inputs or ())
+    for t in values:
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return int(t.shape[1])
+    return None

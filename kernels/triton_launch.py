@@ -1,0 +1,243 @@
+"""Host launchers for the FLuRKA Triton kernels: layout, allocation, grids, and the forward and
+backward passes of the fused core as plain functions of tensors (no autograd here).
+
+Layout: q (B, H, N, dh) is viewed as (B*Hkv, G*N, dh), G = H // Hkv, so the G query heads that
+share a kv-head lie in one slab and share one state; k (B*Hkv, M, dh), v (B*Hkv, M, dv).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_causal import flurka_causal_fwd_kernel
+from .triton_kernels import flurka_rows_bwd_kernel, flurka_rows_fwd_kernel, flurka_state_kernel
+from .triton_tuning import interpreting
+
+PERFORMER = 3
+
+
+def causal_chunk() -> int:
+    """Chunk length of the causal prefix sum (the result does not depend on it)."""
+    return 16 if interpreting() else 64
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """Dot operand dtype: the input dtype; fp32 for bf16 under the interpreter, whose bf16
+    tl.dot returns garbage (Triton 3.6 with numpy 2.x)."""
+    if dtype == torch.bfloat16:
+        return tl.float32 if interpreting() else tl.bfloat16
+    return tl.float16 if dtype == torch.float16 else tl.float32
+
+
+def _block_d(dh: int) -> int:
+    return max(16, triton.next_power_of_2(dh))
+
+
+def _consts(fmap: int, w: Tensor | None, dh: int, scale: float) -> tuple[int, float, float]:
+    """(m, sqrt(scale), m^-1/2) for the feature map code."""
+    if fmap == PERFORMER:
+        m = int(w.shape[0])
+        return m, scale**0.5, m**-0.5
+    return dh, 1.0, 1.0
+
+
+def launch_state(x: Tensor, y: Tensor, a: Tensor, b: Tensor, c: Tensor, w: Tensor, *,
+                 fmap: int, m: int, sqrt_s: float, mfac: float, chunk: int | None = None,
+                 ) -> tuple[Tensor, Tensor]:
+    """S = sum_r phi(x_r)^T (a_r y_r), z = sum_r b_r phi(x_r), per chunk of rows.
+
+    x (BH, L, dh), y (BH, L, dv), a/b/c (BH, L) fp32 -> S (BH, NC, m, dv), z (BH, NC, m) fp32
+    with NC = cdiv(L, chunk) (one chunk when chunk is None)."""
+    BH, L, dh = x.shape
+    dv = y.shape[-1]
+    chunk = chunk or max(L, 1)
+    nc = triton.cdiv(L, chunk)
+    S = torch.empty(BH, nc, m, dv, device=x.device, dtype=torch.float32)
+    z = torch.empty(BH, nc, m, device=x.device, dtype=torch.float32)
+    grid = lambda meta: (BH * nc, triton.cdiv(m, meta["BLOCK_F"]), triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
+    flurka_state_kernel[grid](
+        x, y, a, b, c, w, S, z, L, chunk, nc, sqrt_s, mfac, dh, dv, m,
+        FMAP=fmap, PREC=_prec(x.dtype), DT=_dot_dtype(x.dtype), BLOCK_D=_block_d(dh))
+    return S, z
+
+
+def launch_rows_fwd(x: Tensor, S: Tensor, z: Tensor, w: Tensor, a: Tensor, c: Tensor,
+                    out: Tensor, den: Tensor, *, mode: int, fmap: int, m: int, sqrt_s: float,
+                    mfac: float, eps: float) -> None:
+    """Run flurka_rows_fwd_kernel (see its docstring for the modes) on x (BH, R, dh)."""
+    BH, R, dh = x.shape
+    dv = S.shape[-1]
+    grid = lambda meta: (BH, triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
+    flurka_rows_fwd_kernel[grid](
+        x, S, z, w, a, c, out, den, R, sqrt_s, mfac, eps, dh, dv, m,
+        FMAP=fmap, MODE=mode, PREC=_prec(x.dtype), DT=_dot_dtype(x.dtype), BLOCK_D=_block_d(dh))
+
+
+def launch_rows_bwd(x: Tensor, g: Tensor, a: Tensor, beta: Tensor, c: Tensor, T: Tensor,
+                    tz: Tensor, w: Tensor, *, fmap: int, m: int, sqrt_s: float, mfac: float,
+                    query: bool) -> Tensor:
+    """dx (BH, R, dh) of sum_f phi(x)_f (a (g . T_f) + beta t_f); x (BH, R, dh), g (BH, R, dv)."""
+    BH, R, dh = x.shape
+    dv = g.shape[-1]
+    dx = torch.empty_like(x)
+    grid = lambda meta: (BH, triton.cdiv(R, meta["BLOCK_R"]))  # noqa: E731
+    flurka_rows_bwd_kernel[grid](
+        x, g, a, beta, c, T, tz, w, dx, R, sqrt_s, mfac, dh, dv, m,
+        FMAP=fmap, PREC=_prec(x.dtype), DT=_dot_dtype(x.dtype), QUERY=query, BLOCK_D=_block_d(dh))
+    return dx
+
+
+def key_stabilizer(k3: Tensor, maskf: Tensor, w: Tensor, *, m: int, sqrt_s: float) -> Tensor:
+    """Performer key stabilizer: one max of u over the real keys of each (batch, kv-head),
+    repeated per real key row: (BH, M) fp32. Padded rows get their own row max (their phi is
+    multiplied by 0 and must stay finite); all keys padded: 0."""
+    BH, M, _ = k3.shape
+    c = torch.empty(BH, M, device=k3.device, dtype=torch.float32)
+    dummy = c.new_empty(0)
+    launch_rows_fwd(k3, c.new_zeros(1, 1, 1), dummy, w, dummy, c, dummy, dummy, mode=2,
+                    fmap=PERFORMER, m=m, sqrt_s=sqrt_s, mfac=1.0, eps=0.0)
+    keep = maskf > 0
+    cmax = c.masked_fill(~keep, float("-inf")).amax(-1, keepdim=True)  # (BH, 1)
+    cmax = torch.where(torch.isfinite(cmax), cmax, torch.zeros_like(cmax))
+    # padded keys keep their own row max: their phi (multiplied by 0) stays finite
+    return torch.where(keep, cmax.expand(BH, M), c).contiguous()
+
+
+def _views(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None):
+    B, H, N, dh = q.shape
+    Hkv, M, dv = k.shape[1], k.shape[2], v.shape[-1]
+    BH, G = B * Hkv, H // Hkv
+    q3 = q.contiguous().view(BH, G * N, dh)
+    k3 = k.contiguous().view(BH, M, dh)
+    v3 = v.contiguous().view(BH, M, dv)
+    if mask is None:
+        maskf = torch.ones(BH, M, device=q.device, dtype=torch.float32)
+    else:
+        maskf = mask.to(torch.float32)[:, None, :].expand(B, Hkv, M).reshape(BH, M).contiguous()
+    return q3, k3, v3, maskf
+
+
+def core_forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor | None, mask: Tensor | None,
+                 fmap: int, scale: float, causal: bool, eps: float):
+    """Fused forward. Returns out (B, H, N, dv) in q's dtype and, for the backward, the query
+    stabilizer c_q and denominator den (BH, G*N), the key stabilizer rows c_k (BH, M) and the
+    state S (BH, NC, m, dv), z (BH, NC, m) (NC = 1 non-causal; causal: exclusive prefixes)."""
+    B, H, N, dh = q.shape
+    dv = v.shape[-1]
+    q3, k3, v3, maskf = _views(q, k, v, mask)
+    BH, M = k3.shape[0], k3.shape[1]
+    wt = w.contiguous().float() if w is not None else q.new_empty(0, dtype=torch.float32)
+    m, sqrt_s, mfac = _consts(fmap, w, dh, scale)
+    if fmap == PERFORMER:
+        ck = key_stabilizer(k3, maskf, wt, m=m, sqrt_s=sqrt_s)
+    else:
+        ck = torch.zeros(BH, M, device=q.device, dtype=torch.float32)
+    R = q3.shape[1]
+    out = torch.empty(BH, R, dv, device=q.device, dtype=q.dtype)
+    cq = torch.zeros(BH, R, device=q.device, dtype=torch.float32)
+    den = torch.empty(BH, R, device=q.device, dtype=torch.float32)
+    if not causal:
+        S, z = launch_state(k3, v3, maskf, maskf, ck, wt, fmap=fmap, m=m, sqrt_s=sqrt_s,
+                            mfac=mfac)
+        launch_rows_fwd(q3, S, z, wt, maskf, cq, out, den, mode=0, fmap=fmap, m=m,
+                        sqrt_s=sqrt_s, mfac=mfac, eps=eps)
+        return out.view(B, H, N, dv), cq, den, ck, S, z
+    C = causal_chunk()
+    nc = triton.cdiv(N, C)
+    ci, e_end, crow = ck, None, ck
+    if fmap == PERFORMER:
+        ci, e_end, crow, ck = _causal_scales(k3, maskf, wt, C, m=m, sqrt_s=sqrt_s)
+    Sc, zc = launch_state(k3, v3, maskf, maskf, crow, wt, fmap=fmap, m=m, sqrt_s=sqrt_s,
+                          mfac=mfac, chunk=C)
+    S, z = _exclusive_scan(Sc, zc, e_end)
+    if e_end is None:
+        ep = ck.new_zeros(BH, nc)
+    else:  # the exclusive state of chunk t is at the scale of chunk t-1's end
+        ep = torch.cat([torch.full_like(e_end[:, :1], -1e30), e_end[:, :-1]], 1).contiguous()
+    G = H // k.shape[1]
+    grid = lambda meta: (BH, G * nc, triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
+    flurka_causal_fwd_kernel[grid](
+        q3, k3, v3, maskf, ck, ci, ep, S, z, wt, out, cq, den, N, nc, sqrt_s, mfac, eps,
+        dh, dv, m, FMAP=fmap, PREC=_prec(q.dtype), DT=_dot_dtype(q.dtype), CHUNK=C, BLOCK_D=_block_d(dh))
+    return out.view(B, H, N, dv), cq, den, ck, S, z
+
+
+def _causal_scales(k3: Tensor, maskf: Tensor, w: Tensor, C: int, *, m: int, sqrt_s: float):
+    """Performer stabilizers of the causal path, all (log) scales:
+    ls (BH, N) each key's own row max of u, ci (BH, N) the running
+    max of ls over real keys (-1e30 before the first), e_end (BH, NC) the running max at the end
+    of each chunk, the scale of that chunk's state, and crow (BH, N) the scale at which each
+    key enters its chunk's state (e_end of its chunk; its own ls for padded keys)."""
+    BH, N, _ = k3.shape
+    ls = torch.empty(BH, N, device=k3.device, dtype=torch.float32)
+    launch_rows_fwd(k3, ls.new_zeros(1, 1, 1), ls.new_empty(0), w, ls.new_empty(0), ls,
+                    ls.new_empty(0), ls.new_empty(0), mode=2, fmap=PERFORMER, m=m,
+                    sqrt_s=sqrt_s, mfac=1.0, eps=0.0)
+    keep = maskf > 0
+    ci = torch.cummax(torch.where(keep, ls, torch.full_like(ls, -1e30)), -1).values
+    ends = torch.arange(C - 1, N + C - 1, C, device=k3.device).clamp_max(N - 1)
+    e_end = ci[:, ends].contiguous()  # (BH, NC): scale of each chunk's state
+    crow = e_end.repeat_interleave(C, 1)[:, :N]
+    crow = torch.where(keep, crow, ls).contiguous()  # padded keys: own max, finite phi
+    return ci.contiguous(), e_end, crow, ls
+
+
+def _exclusive_scan(Sc: Tensor, zc: Tensor, e: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Exclusive prefix sums over chunks, (BH, NC, m, dv) and (BH, NC, m), in fp32. With
+    scales e (BH, NC) (the scale of chunk t's state, nondecreasing), chunk t' < t is rescaled by
+    exp(e_t' - e_t) <= 1 (a log-depth scan); the result for chunk t is at scale e_{t-1}.
+    Summing forward (no cumsum(S) - S) avoids cancellation."""
+    S, z = Sc, zc
+    nc = Sc.shape[1]
+    step = 1
+    while step < nc:
+        if e is None:
+            S = torch.cat([S[:, :step], S[:, step:] + S[:, :-step]], 1)
+            z = torch.cat([z[:, :step], z[:, step:] + z[:, :-step]], 1)
+        else:
+            f = torch.exp(e[:, :-step] - e[:, step:])  # (BH, NC - step), <= 1
+            S = torch.cat([S[:, :step], S[:, step:] + S[:, :-step] * f[..., None, None]], 1)
+            z = torch.cat([z[:, :step], z[:, step:] + z[:, :-step] * f[..., None]], 1)
+        step *= 2
+    S = torch.cat([torch.zeros_like(S[:, :1]), S[:, :-1]], 1).contiguous()
+    z = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1]], 1).contiguous()
+    return S, z
+
+
+def noncausal_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor | None,
+                       mask: Tensor | None, out: Tensor, cq: Tensor, den: Tensor, ck: Tensor,
+                       S: Tensor, z: Tensor, fmap: int, scale: float):
+    """Gradients (dq, dk, dv) of the non-causal core, shapes of q, k, v.
+
+    With gn = dO/den and gd = -(dO.O)/den: dS = phi(Q)^T gn, dz = phi(Q)^T gd (summed over the
+    G query heads of a kv-head), dphi(Q) = gn S^T + gd z^T, dphi(K) = mask (V dS^T + dz^T),
+    dV = mask phi(K) dS; dphi is then taken through the feature map in the row kernels."""
+    B, H, N, dh = q.shape
+    dv = v.shape[-1]
+    q3, k3, v3, maskf = _views(q, k, v, mask)
+    BH, R = q3.shape[0], q3.shape[1]
+    do3 = dout.contiguous().view(BH, R, dv).to(q.dtype)
+    o3 = out.contiguous().view(BH, R, dv)
+    wt = w.contiguous().float() if w is not None else q.new_empty(0, dtype=torch.float32)
+    m, sqrt_s, mfac = _consts(fmap, w, dh, scale)
+    delta = (do3.float() * o3.float()).sum(-1)  # (BH, R)
+    aq = 1.0 / den
+    bq = -delta / den
+    S, z = S.view(BH, m, dv), z.view(BH, m)
+    # phi(q) carries no m^-1/2 (performer: a softmax over features, cq its log-sum-exp)
+    dS, dz = launch_state(q3, do3, aq, bq, cq, wt, fmap=fmap, m=m, sqrt_s=sqrt_s, mfac=1.0)
+    dS, dz = dS.view(BH, m, dv), dz.view(BH, m)
+    dq = launch_rows_bwd(q3, do3, aq, bq, cq, S, z, wt, fmap=fmap, m=m, sqrt_s=sqrt_s, mfac=1.0,
+                         query=True)
+    dk = launch_rows_bwd(k3, v3, maskf, maskf, ck, dS, dz, wt, fmap=fmap, m=m, sqrt_s=sqrt_s,
+                         mfac=mfac, query=False)
+    dvv = torch.empty_like(v3)
+    launch_rows_fwd(k3, dS, dz, wt, maskf, ck, dvv, den.new_empty(0), mode=1, fmap=fmap, m=m,
+                    sqrt_s=sqrt_s, mfac=mfac, eps=0.0)
+    return dq.view(q.shape), dk.view(k.shape), dvv.view(v.shape)

@@ -1,0 +1,211 @@
+"""FLuRKA attention core on Triton: custom ops, autograd, and the public entry point.
+
+Layering (STYLE 7): kernels (``triton_kernels``, ``triton_causal``) -> launchers
+(``triton_launch``) -> ``torch.library`` custom ops ``flurka_rewrite::flurka_core_fwd`` /
+``flurka_core_bwd`` (with fake implementations, so ``torch.compile`` and ``torch.export`` see
+one opaque node) -> one ``torch.autograd.Function`` per kernel family (non-causal, causal) ->
+``triton_attention_core``, which ``dispatch.attention_core_dispatch`` calls and which returns
+what ``reference.attention_core`` returns.
+
+Feature maps: performer, relu and rnn are computed inside the kernels (phi(Q) is never stored).
+ffk has trainable weights: its phi(q), phi(k) are computed by the module in PyTorch, and the
+fused core then runs with the identity map, so autograd reaches the ffk weights.
+Causal backward: recomputation of the chunked PyTorch reference under autograd (memory
+O(N/C * m * dv), never N x N); the causal forward is the Triton chunked kernel.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .feature_maps import FeatureMap
+from .reference import causal_kernel_attention
+from .triton_launch import PERFORMER, causal_chunk, core_forward, noncausal_backward
+
+FMAP_CODES = {"identity": 0, "relu": 1, "rnn": 2, "performer": PERFORMER}
+
+
+# -- custom ops -----------------------------------------------------------------------------
+@torch.library.custom_op("flurka_rewrite::flurka_core_fwd", mutates_args=())
+def flurka_core_fwd(
+    q: Tensor, k: Tensor, v: Tensor, w: Tensor | None, mask: Tensor | None, fmap: int,
+    scale: float, causal: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused forward: (out, c_q, den, c_k, S, z); see ``triton_launch.core_forward``."""
+    return core_forward(q, k, v, w, mask, fmap, scale, causal, eps)
+
+
+@flurka_core_fwd.register_fake
+def _(q, k, v, w, mask, fmap, scale, causal, eps):
+    B, H, N, dh = q.shape
+    Hkv, M, dv = k.shape[1], k.shape[2], v.shape[-1]
+    BH, R = B * Hkv, (H // Hkv) * N
+    m = w.shape[0] if fmap == PERFORMER else dh
+    nc = (N + causal_chunk() - 1) // causal_chunk() if causal else 1
+    f32 = torch.float32
+    return (q.new_empty(B, H, N, dv), q.new_empty(BH, R, dtype=f32), q.new_empty(BH, R, dtype=f32),
+            q.new_empty(BH, M, dtype=f32), q.new_empty(BH, nc, m, dv, dtype=f32),
+            q.new_empty(BH, nc, m, dtype=f32))
+
+
+@torch.library.custom_op("flurka_rewrite::flurka_core_bwd", mutates_args=())
+def flurka_core_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor | None, mask: Tensor | None,
+    out: Tensor, cq: Tensor, den: Tensor, ck: Tensor, S: Tensor, z: Tensor, fmap: int,
+    scale: float, causal: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused backward of the non-causal core: (dq, dk, dv) in the dtypes of q, k, v."""
+    if causal:
+        raise NotImplementedError("the causal backward runs by recomputation in "
+                                  "FlurkaCausalCoreFunction.backward, not in this op")
+    return noncausal_backward(dout, q, k, v, w, mask, out, cq, den, ck, S, z, fmap, scale)
+
+
+@flurka_core_bwd.register_fake
+def _(dout, q, k, v, w, mask, out, cq, den, ck, S, z, fmap, scale, causal, eps):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# -- autograd -------------------------------------------------------------------------------
+class _CoreFunction(torch.autograd.Function):
+    """Shared forward/backward for the kernel families; subclasses fix ``causal``."""
+
+    causal = False
+
+    @classmethod
+    def forward(cls, ctx, q, k, v, w, mask, fmap, scale, eps):  # type: ignore[override]
+        out, cq, den, ck, S, z = torch.ops.flurka_rewrite.flurka_core_fwd(
+            q, k, v, w, mask, fmap, scale, cls.causal, eps)
+        ctx.save_for_backward(q, k, v, w, mask, out, cq, den, ck, S, z)
+        ctx.fmap, ctx.scale, ctx.eps = fmap, scale, eps
+        ctx.mark_non_differentiable(cq, den, ck, S, z)
+        return out, cq, den, ck, S, z
+
+    @classmethod
+    def backward(cls, ctx, dout, *_):  # type: ignore[override]
+        q, k, v, w, mask, out, cq, den, ck, S, z = ctx.saved_tensors
+        if cls.causal:
+            dq, dk, dv = _causal_backward_by_recompute(
+                dout, q, k, v, w, mask, ctx.fmap, ctx.scale, ctx.eps)
+            return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = torch.ops.flurka_rewrite.flurka_core_bwd(
+            dout.contiguous(), q, k, v, w, mask, out, cq, den, ck, S, z, ctx.fmap, ctx.scale,
+            cls.causal, ctx.eps)
+        return dq, dk, dv, None, None, None, None, None
+
+
+class FlurkaCoreFunction(_CoreFunction):
+    """Non-causal fused FLuRKA core: state kernel + on-the-fly phi(Q) output kernel."""
+
+    causal = False
+
+
+class FlurkaCausalCoreFunction(_CoreFunction):
+    """Causal kernel attention: chunked prefix-sum kernel (inter-chunk state carry)."""
+
+    causal = True
+
+
+# -- entry point ----------------------------------------------------------------------------
+def triton_attention_core(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    feature_map: FeatureMap,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Kernel attention after the low-rank projection, on Triton; equals
+    ``reference.attention_core`` with the same arguments.
+
+    q (B, H, N, dh), k (B, Hkv, M, dh), v (B, Hkv, M, dv), key_padding_mask (B, M) bool
+    (True = real key) -> (B, H, N, dv) in q's dtype. Sums and states are fp32."""
+    _check(q, k, v, key_padding_mask, causal)
+    name = getattr(feature_map, "name", None)
+    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
+    w, scale = None, 1.0
+    if name == "ffk":
+        kmask = None if mask is None else mask[:, None, :, None]
+        xq = feature_map(q, is_query=True)  # (B, H, N, m) fp32, autograd to the ffk weights
+        xk = feature_map(k, is_query=False, key_mask=kmask)  # (B, Hkv, M, m)
+        fmap = FMAP_CODES["identity"]
+    elif name in FMAP_CODES:
+        xq, xk, fmap = q, k, FMAP_CODES[name]
+        if fmap == PERFORMER:
+            w, scale = feature_map.W.detach().to(q.device), float(feature_map.scale)
+            if w.shape[1] != q.shape[-1]:
+                raise ValueError(f"performer W has shape {tuple(w.shape)} but the head dim is "
+                                 f"{q.shape[-1]}; build the feature map with head_dim={q.shape[-1]}")
+    else:
+        raise NotImplementedError(
+            f"no Triton kernel for feature map {name!r} (have performer, relu, rnn, ffk); "
+            "use backend='torch' for it")
+    v = v.to(xq.dtype) if v.dtype != xq.dtype else v
+    fn = FlurkaCausalCoreFunction if causal else FlurkaCoreFunction
+    out = fn.apply(xq, xk.to(xq.dtype), v, w, mask, fmap, scale, eps)[0]
+    return out.to(q.dtype)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected 4-D q, k, v (B, H, N, d); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, N, _ = q.shape
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != B or H % k.shape[1]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share (B, Hkv, M) with "
+                         f"q's batch {B}, and Hkv must divide H={H}")
+    if causal and k.shape[2] != N:
+        raise ValueError(f"causal attention needs as many keys as queries; got N={N}, "
+                         f"M={k.shape[2]}")
+    if mask is not None and tuple(mask.shape) != (B, k.shape[2]):
+        raise ValueError(f"key_padding_mask must be (B, M) = {(B, k.shape[2])}; "
+                         f"got {tuple(mask.shape)}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"q must be fp32, fp16 or bf16; got {q.dtype}")
+
+
+# -- causal backward (recomputation) ----------------------------------------------------------
+def _torch_phi(x: Tensor, w: Tensor | None, fmap: int, scale: float, is_query: bool,
+               mask: Tensor | None) -> Tensor:
+    """phi(x) in fp32 as the reference feature maps compute it (stabilizers detached)."""
+    xf = x.float()
+    if fmap == 0:
+        return xf
+    if fmap == 1:
+        return torch.relu(xf) + 1e-3
+    if fmap == 2:
+        return torch.nn.functional.elu(xf) + 1.0
+    xs = xf * scale**0.5
+    if is_query:  # a softmax over features (the row constant -|x'|^2/2 cancels)
+        return torch.softmax(xs @ w.t(), dim=-1)  # (B, H, N, m)
+    else:
+        u = xs @ w.t() - 0.5 * (xs * xs).sum(-1, keepdim=True)  # (B, Hkv, M, m)
+        uu = u if mask is None else u.masked_fill(~mask[:, None, :, None], float("-inf"))
+        c = uu.amax(dim=(-2, -1), keepdim=True)
+        c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+    return torch.exp(u - c.detach()) * w.shape[0] ** -0.5
+
+
+def _causal_backward_by_recompute(dout, q, k, v, w, mask, fmap, scale, eps):
+    """(dq, dk, dv) of the causal core by autograd through the chunked PyTorch reference."""
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+        pq = _torch_phi(qq, w, fmap, scale, True, mask)
+        log_scale = None
+        if fmap == PERFORMER:  # per-key stabilizer, as FeatureMap.causal_key_features
+            xs = kk.float() * scale**0.5
+            u = xs @ w.t() - 0.5 * (xs * xs).sum(-1, keepdim=True)  # (B, Hkv, N, m)
+            log_scale = u.detach().amax(-1)  # (B, Hkv, N)
+            pk = torch.exp(u - log_scale[..., None]) * w.shape[0] ** -0.5
+        else:
+            pk = _torch_phi(kk, w, fmap, scale, False, mask)
+        out = causal_kernel_attention(pq, pk, vv, key_padding_mask=mask, eps=eps,
+                                      key_log_scale=log_scale)
+        dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), dout.float())
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+__all__ = ["triton_attention_core", "FlurkaCoreFunction", "FlurkaCausalCoreFunction",
+           "flurka_core_fwd", "flurka_core_bwd"]

@@ -1,0 +1,238 @@
+"""Legality: fill a matched site's shapes, mask kind and projection chains from the example
+values, then decide rewrite or skip with a reason a user can read.
+
+``check(site, ...)`` never raises: any surprise becomes a skip reason. Skips: attention weights
+used elsewhere (returned, stored, summed); softmax not over the key axis; a learned additive
+bias (T5 relative bias, ALiBi) or a mask that is neither padding nor causal under a non-exact
+kernel; a learned (parameter) softmax scale; unknown shapes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+
+from flurka_rewrite.attention import MASKED_BELOW
+
+from .canonicalize import canon
+from .graph_nx import depends_on_any, escapes, site_region
+from .match import apply_fix
+from .site import KVChain, Site
+
+BIAS_REASON = ("additive position bias (learned, e.g. T5 relative bias or ALiBi) enters the "
+               "scores; FLuRKA cannot represent it")
+
+
+def classify_mask(mask: torch.Tensor | None, invert: bool, causal_flag: bool) -> str:
+    """none | padding | causal | causal+padding | bias | other, from the mask's values."""
+    if mask is None:
+        return "causal" if causal_flag else "none"
+    if not isinstance(mask, torch.Tensor):
+        return "other"
+    if mask.dtype == torch.bool:
+        keep = ~mask if invert else mask
+    elif mask.is_floating_point():
+        if invert:
+            return "other"
+        big = mask <= MASKED_BELOW
+        if not bool(((mask == 0) | big).all()):
+            return "bias"
+        keep = ~big
+    else:
+        keep = (mask == 0) if invert else (mask != 0)
+    if keep.dim() < 2:
+        return "other"
+    n, m = keep.shape[-2], keep.shape[-1]
+    last = keep[..., -1:, :]
+    if bool((keep == keep[..., :1, :]).all()):
+        kind = "padding"
+    else:
+        tri = torch.ones(n, m, dtype=torch.bool).tril(m - n)
+        if bool((keep == (tri & last)).all()):
+            kind = "causal+padding" if not bool(last.all()) else "causal"
+        else:
+            return "other"
+    if causal_flag:
+        kind = "causal+padding" if kind == "padding" and not bool(keep.all()) else "causal"
+    return kind
+
+
+def _tensor(values: dict[str, Any], n: Any) -> torch.Tensor | None:
+    v = values.get(n.name) if isinstance(n, Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def strip_repeat(node: Node, gm: GraphModule, values: dict[str, Any], heads: int) -> Node | None:
+    """GQA repeat_kv (expand + reshape): the ancestor of ``node`` with Hkv < H heads whose
+    repeat_interleave along dim 1 equals node's value, else None."""
+    target = _tensor(values, node)
+    cur = node
+    for _ in range(6):
+        c = canon(cur, gm)
+        if c is None or c.op not in ("shape",):
+            return None
+        nxt = c.get("x")
+        if not isinstance(nxt, Node):
+            return None
+        v = _tensor(values, nxt)
+        if v is not None and v.dim() == 4 and v.shape[1] < heads and heads % v.shape[1] == 0 \
+                and v.shape[0] == target.shape[0] and v.shape[2:] == target.shape[2:]:
+            rep = v.repeat_interleave(heads // v.shape[1], dim=1)
+            return nxt if torch.equal(rep, target) else None
+        cur = nxt
+    return None
+
+
+def _shape_query(node: Node) -> bool:
+    """x.shape / x.size() / aten.sym_size: reads only the shape, not the values."""
+    t = node.target
+    return (node.op == "call_method" and t in ("size", "dim")) or (
+        node.op == "call_function" and (t is getattr or "sym_size" in str(t)))
+
+
+def kv_chain(node: Node, gm: GraphModule, values: dict[str, Any], layout: str,
+             kv_heads: int, head_dim: int) -> KVChain | None:
+    """The Linear -> head-split chain ending in ``node``, if it is exactly
+    ``linear(x).view(B, M, Hkv, dh).transpose(1, 2)`` (reshaped to (B*Hkv, M, dh) for 3-D)."""
+    target = _tensor(values, node)
+    cur, path = node, []
+    for _ in range(8):
+        c = canon(cur, gm)
+        if c is None or c.op not in ("shape", "transpose", "permute", "linear"):
+            return None
+        path.append(cur)
+        if c.op == "linear":
+            x = c.get("x")
+            xv, lv = _tensor(values, x), _tensor(values, cur)
+            if xv is None or lv is None or xv.dim() != 3 or lv.shape[-1] != kv_heads * head_dim:
+                return None
+            B, M = xv.shape[0], xv.shape[1]
+            want = lv.view(B, M, kv_heads, head_dim).transpose(1, 2)
+            if layout == "flat":
+                want = want.reshape(B * kv_heads, M, head_dim)
+            if want.shape != target.shape or not torch.equal(want, target):
+                return None
+            for n in path[1:]:  # intermediate values must not be used elsewhere
+                if len([u for u in n.users if not _shape_query(u)]) != 1:
+                    return None
+            w, b = c.get("weight"), c.get("bias")
+            w = gm.get_parameter(w.target) if isinstance(w, Node) and w.op == "get_attr" else w
+            b = gm.get_parameter(b.target) if isinstance(b, Node) and b.op == "get_attr" else b
+            return KVChain(x=x, linear=cur, weight=c.get("weight"), bias=c.get("bias"),
+                           dm=int(xv.shape[-1]))
+        nxt = c.get("x")
+        if not isinstance(nxt, Node):
+            return None
+        cur = nxt
+    return None
+
+
+def fill(site: Site, gm: GraphModule, values: dict[str, Any]) -> None:
+    """Shapes, heads, mask kind, GQA and K/V chains from the example values."""
+    try:
+        q = apply_fix(_tensor(values, site.q), site.q_fix)  # type: ignore[attr-defined]
+        k = apply_fix(_tensor(values, site.k), site.k_fix)  # type: ignore[attr-defined]
+        v = apply_fix(_tensor(values, site.v), site.v_fix)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001
+        site.skip("unknown shapes: q, k or v has no value on the example inputs")
+        return
+    if q.dim() == 3:
+        site.layout = "flat"
+        site.batch, site.heads, site.kv_heads = q.shape[0], 1, 1
+    elif q.dim() == 4:
+        site.batch, site.heads, site.kv_heads = q.shape[0], q.shape[1], k.shape[1]
+    else:
+        site.skip(f"unsupported q rank {q.dim()} (expected (B, H, N, d) or (B*H, N, d))")
+        return
+    site.seq_len, site.head_dim = q.shape[-2], q.shape[-1]
+    site.kv_seq_len, site.v_dim = k.shape[-2], v.shape[-1]
+    if site.scale is None:
+        site.scale = site.head_dim ** -0.5
+    mval = _tensor(values, site.mask)
+    site.mask_rank = mval.dim() if mval is not None else None
+    site.mask_kind = classify_mask(mval, site.mask_invert, site.causal)
+    if site.mask is not None and mval is None:
+        site.mask_kind = "other"
+    if site.mask_kind.startswith("causal"):
+        site.causal = True
+    if site.layout == "bhnd" and not site.k_fix and site.kv_heads == site.heads:  # type: ignore
+        kp = strip_repeat(site.k, gm, values, site.heads)
+        vp = strip_repeat(site.v, gm, values, site.heads) if not site.v_fix else None  # type: ignore
+        if kp is not None and vp is not None and kp.meta is not None:
+            kvv = _tensor(values, kp)
+            site.k_pre_repeat, site.v_pre_repeat, site.kv_heads = kp, vp, kvv.shape[1]
+    if not site.k_fix and not site.v_fix:  # type: ignore[attr-defined]
+        kn = site.k_pre_repeat or site.k
+        vn = site.v_pre_repeat or site.v
+        site.k_chain = kv_chain(kn, gm, values, site.layout, site.kv_heads, site.head_dim)
+        site.v_chain = kv_chain(vn, gm, values, site.layout, site.kv_heads, site.v_dim)
+        if site.k_chain and site.v_chain and site.k_chain.x is site.v_chain.x:
+            site.dm = site.k_chain.dm
+        else:
+            site.k_chain = site.v_chain = None
+
+
+def check(site: Site, gm: GraphModule, values: dict[str, Any], g: nx.DiGraph,
+          params: set[str], exact: bool) -> None:
+    """Decide rewrite or skip (sets ``site.ok`` / ``site.reason``); never raises."""
+    try:
+        _check(site, gm, values, g, params, exact)
+    except Exception as e:  # noqa: BLE001 - a surprise is a skip, not a crash
+        site.skip(f"could not analyse this site ({type(e).__name__}: {e})")
+
+
+def _check(site, gm, values, g, params, exact) -> None:
+    masks = getattr(site, "_all_masks", [])
+    kinds = [classify_mask(_tensor(values, m), False, False) for m in masks]
+    if "bias" in kinds or any(depends_on_any(g, m, params) for m in masks if isinstance(m, Node)):
+        site.learned_bias = True
+        site.skip(BIAS_REASON)
+        return
+    outs = {n.name for n in gm.graph.nodes if n.op == "output"}
+    returned = {p for o in outs for p in g.predecessors(o)}
+    for m in masks:
+        if isinstance(m, Node) and (nx.ancestors(g, m.name) | {m.name}) & returned:
+            site.learned_bias = True
+            site.skip("an additive position bias that the module also returns for reuse by "
+                      "other layers (T5-style) enters the scores; FLuRKA cannot represent it")
+            return
+    if len(masks) > 1:
+        site.skip("more than one mask enters the scores")
+        return
+    if site.mask_kind == "bias" or (site.mask is not None and depends_on_any(g, site.mask, params)):
+        site.learned_bias = True
+        site.skip(BIAS_REASON)
+        return
+    dim = site._softmax_dim  # type: ignore[attr-defined]
+    if site.weights:
+        wv = _tensor(values, site.weights[0])
+        nd = wv.dim() if wv is not None else None
+        if dim is None or nd is None or dim % nd != nd - 1:
+            site.skip(f"softmax is over axis {dim}, not the key axis (last): not attention")
+            return
+        # the attention weights must feed only the product with v
+        inside = set(n.name for n in site.weights)
+        leaks = [(n.name, u.name) for n in site.weights for u in n.users
+                 if u.name not in inside and u is not site.output and "assert" not in str(u.target)]
+        scores = nx.descendants(g, site._qk.name) | {site._qk.name}  # type: ignore[attr-defined]
+        region = site_region(g, [site.q, site.k, site.v, site.mask], site.output)
+        leaks += [e for e in escapes(g, region, site.output) if e[0] in scores]
+        if leaks:
+            outs = [e for e in leaks if g.nodes[e[1]]["op"] == "output"]
+            site._escape_output_only = len(outs) == len(leaks)  # type: ignore[attr-defined]
+            what = ", ".join(sorted({f"{a} -> {b}" for a, b in leaks}))
+            site.skip(f"attention weights are used elsewhere ({what}): rewriting would change "
+                      "them")
+            return
+    for n in site._scale_nodes:  # type: ignore[attr-defined]
+        if depends_on_any(g, n, params):
+            site.skip("the softmax scale is a learned parameter; FLuRKA uses a fixed scale")
+            return
+    if site.mask_kind == "other" and not exact:
+        site.skip("the mask is neither key padding nor causal (e.g. a sliding window); only "
+                  "kernel='softmax', dk=None can keep it")
+        return
+    if site.heads is None or site.seq_len is None:
+        site.skip("unknown shapes")

@@ -1,0 +1,315 @@
+"""Match: find attention sites in a captured graph (read through ``canonicalize.canon``).
+
+A site is ``softmax(scale * q @ k^T + mask) [cast] [dropout] @ v`` in any spelling
+(matmul/@/bmm/einsum/baddbmm; scale by mul or div on the scores, on q, on k, or none; additive,
+masked_fill or where masks; fp32 casts), or one SDPA call. Each pattern is plain structure:
+walk back from the softmax to the q k^T product, forward to the product with v. Checks that
+decide rewrite-or-skip live in ``legality``; here a site only has to look like attention.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .canonicalize import COp, canon, is_getitem, is_op, sdpa_returns_tuple
+from .site import Site
+
+_FILL_MIN = -1e4  # a masked_fill / where value at or below this counts as "masked out"
+
+
+def _val(values: dict[str, Any], x: Any) -> Any:
+    return values.get(x.name) if isinstance(x, Node) else x
+
+
+def _scalar(values: dict[str, Any], x: Any) -> float | None:
+    v = _val(values, x)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point():
+        return float(v)
+    return None
+
+
+def _is_assert(node: Node) -> bool:
+    """Export's ``aten._assert_tensor_metadata`` checks: no value, ignored by the match."""
+    return "assert" in str(node.target)
+
+
+def _module_path(cap_path: str, node: Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    rel = ""
+    if stack:
+        rel = list(stack.values())[-1][0]
+        rel = rel.replace("L['self'].", "").replace("L['self']", "")
+        if rel.startswith("self."):
+            rel = rel[5:]
+        if rel == "mod" or rel.startswith("mod."):  # the export wrapper (capture._KwargsOnly)
+            rel = rel[4:]
+    parts = [p for p in (cap_path, rel) if p]
+    return ".".join(parts)
+
+
+class _Walk:
+    """Backward walk from the softmax input to the q k^T product."""
+
+    def __init__(self, gm: GraphModule, values: dict[str, Any]) -> None:
+        self.gm, self.values = gm, values
+        self.scale = 1.0
+        self.scale_nodes: list[Node] = []
+        self.mask: Node | None = None
+        self.mask_invert = False
+        self.masks = 0
+        self.all_masks: list[Node] = []
+        self.parts: list[str] = []
+
+    def scores(self, x: Any, depth: int = 0) -> COp | None:
+        if not isinstance(x, Node) or depth > 12:
+            return None
+        c = canon(x, self.gm)
+        if c is None:
+            return None
+        if c.op in ("matmul", "einsum", "baddbmm"):
+            if c.op == "baddbmm":
+                self._set_mask(c.get("input"), False)
+                self.scale *= float(c.get("alpha", 1.0))
+            self.parts.append(c.op)
+            return c
+        if c.op in ("cast", "shape") and c.op == "cast":
+            self.parts.append("cast")
+            return self.scores(c.get("x"), depth + 1)
+        if c.op in ("mul", "div"):
+            for s_idx, o_idx in (("a", "b"), ("b", "a")) if c.op == "mul" else (("a", "b"),):
+                s, o = c.get(s_idx), c.get(o_idx)
+                f = _scalar(self.values, o)
+                if isinstance(s, Node) and f is not None and f != 0:
+                    saved = self.scale
+                    self.scale = self.scale * f if c.op == "mul" else self.scale / f
+                    if isinstance(o, Node):
+                        self.scale_nodes.append(o)
+                    self.parts.append(c.op)
+                    got = self.scores(s, depth + 1)
+                    if got is not None:
+                        return got
+                    self.scale = saved
+                    self.parts.pop()
+            return None
+        if c.op == "add":
+            for s_idx, o_idx in (("a", "b"), ("b", "a")):
+                s, o = c.get(s_idx), c.get(o_idx)
+                if isinstance(s, Node) and isinstance(o, Node):
+                    self.parts.append("add")
+                    n_masks = self.masks
+                    got = self.scores(s, depth + 1)
+                    if got is not None:
+                        self._set_mask(o, False)
+                        return got
+                    self.parts.pop()
+                    self.masks = n_masks
+            return None
+        if c.op == "masked_fill":
+            fill = _scalar(self.values, c.get("value"))
+            if fill is None or fill > _FILL_MIN:
+                return None
+            self.parts.append("masked_fill")
+            got = self.scores(c.get("x"), depth + 1)
+            if got is not None:
+                self._set_mask(c.get("mask"), True)
+            return got
+        if c.op == "where":
+            a, b = c.get("a"), c.get("b")
+            fa, fb = _scalar(self.values, a), _scalar(self.values, b)
+            self.parts.append("where")
+            if fb is not None and fb <= _FILL_MIN:
+                got, inv = self.scores(a, depth + 1), False
+            elif fa is not None and fa <= _FILL_MIN:
+                got, inv = self.scores(b, depth + 1), True
+            else:
+                return None
+            if got is not None:
+                self._set_mask(c.get("cond"), inv)
+            return got
+        return None
+
+    def _set_mask(self, node: Any, invert: bool) -> None:
+        if node is None:
+            return
+        self.masks += 1
+        self.all_masks.append(node)
+        self.mask, self.mask_invert = node, invert
+
+
+def _strip_transpose(k_t: Node, gm: GraphModule, values: dict[str, Any]) -> tuple[Node, bool]:
+    """k^T operand -> (k node in (..., M, d), False), or (k^T node, True) when not a plain swap."""
+    c = is_op(k_t, gm, "transpose")
+    if c is not None:
+        v = values.get(k_t.name)
+        nd = v.dim() if isinstance(v, torch.Tensor) else None
+        d0, d1 = c.get("dim0"), c.get("dim1")
+        if nd is not None and {d0 % nd, d1 % nd} == {nd - 2, nd - 1}:
+            return c.get("x"), False
+    return k_t, True
+
+
+def _einsum_parts(eq: str) -> tuple[list[str], str] | None:
+    eq = eq.replace(" ", "")
+    if "->" not in eq or "..." in eq:
+        return None
+    lhs, out = eq.split("->")
+    ins = lhs.split(",")
+    return (ins, out) if len(ins) == 2 else None
+
+
+def _match_softmax(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: str) -> Site | None:
+    sm = c.node
+    w = _Walk(gm, values)
+    qk = w.scores(c.get("x"))
+    if qk is None:
+        return None  # a softmax that is not over q k^T: not attention
+    # forward: softmax -> [cast] -> [dropout] -> @ v
+    chain, cur, dropout_p = [sm], sm, 0.0
+    pv: COp | None = None
+    for _ in range(4):
+        users = [u for u in cur.users if not _is_assert(u)]
+        nxt = None
+        for u in users:
+            cu = canon(u, gm)
+            if cu is None:
+                continue
+            if cu.op in ("matmul", "einsum") and (cu.get("a") is cur or (
+                    cu.op == "einsum" and cu.get("operands") and cu.get("operands")[0] is cur)):
+                pv = cu
+            elif cu.op in ("cast", "dropout") and len(users) == 1:
+                nxt = u
+                if cu.op == "dropout":
+                    p = cu.get("p", 0.0)
+                    dropout_p = float(p) if isinstance(p, (int, float)) else 0.0
+        if pv is not None or nxt is None:
+            break
+        chain.append(nxt)
+        cur = nxt
+    if pv is None:
+        return None
+    site = Site(module_path=_module_path(cap_path, sm), node_name=sm.name, pattern="")
+    site.weights, site.output, site.dropout_p = chain, pv.node, dropout_p
+    site.scale = w.scale
+    site.mask, site.mask_invert = w.mask, w.mask_invert
+    site._scale_nodes = w.scale_nodes  # type: ignore[attr-defined]
+    site._softmax_dim = c.get("dim")  # type: ignore[attr-defined]
+    site._qk = qk.node  # type: ignore[attr-defined]
+    site._all_masks = w.all_masks  # type: ignore[attr-defined]
+    site.q_fix, site.k_fix, site.v_fix, site.out_fix = [], [], [], []  # type: ignore[attr-defined]
+    if qk.op in ("matmul", "baddbmm"):
+        q, k_t = qk.get("a"), qk.get("b")
+        site.k, site.k_transposed = _strip_transpose(k_t, gm, values)
+        site.q = _strip_scale(q, gm, values, site)
+        site.k = _strip_scale(site.k, gm, values, site)
+        if site.k_transposed:
+            site.k_fix.append(("transpose", -2, -1))  # type: ignore[attr-defined]
+        if pv.op != "matmul":
+            return None
+        site.v = pv.get("b")
+        pat = [qk.op] + w.parts[::-1][1:] + ["softmax"] + \
+            [canon(n, gm).op for n in chain[1:]] + ["matmul"]
+    else:  # einsum
+        qp, pp = _einsum_parts(qk.get("equation")), None
+        if pv.op == "einsum":
+            pp = _einsum_parts(pv.get("equation"))
+        if qp is None or pp is None:
+            return None
+        (qs, ks), ss = qp
+        (ws, vs), os_ = pp
+        n_ax, m_ax = ss[-2], ss[-1]
+        batch = ss[:-2]
+        c_ax = [a for a in qs if a in ks and a not in ss]
+        e_ax = [a for a in vs if a not in ws]
+        if len(c_ax) != 1 or len(e_ax) != 1 or ws != ss or len(batch) not in (1, 2):
+            return None
+        c_ax, e_ax = c_ax[0], e_ax[0]
+        site.q, site.k, site.v = qk.get("operands")[0], qk.get("operands")[1], pv.get("operands")[1]
+        site.q = _strip_scale(site.q, gm, values, site)
+        site.q_fix.append(("einsum", f"{qs}->{batch}{n_ax}{c_ax}"))  # type: ignore[attr-defined]
+        site.k_fix.append(("einsum", f"{ks}->{batch}{m_ax}{c_ax}"))  # type: ignore[attr-defined]
+        site.v_fix.append(("einsum", f"{vs}->{batch}{m_ax}{e_ax}"))  # type: ignore[attr-defined]
+        site.out_fix.append(("einsum", f"{batch}{n_ax}{e_ax}->{os_}"))  # type: ignore[attr-defined]
+        pat = ["einsum"] + w.parts[::-1][1:] + ["softmax"] + \
+            [canon(n, gm).op for n in chain[1:]] + ["einsum"]
+    site.pattern = "-".join(pat)
+    return site
+
+
+def _strip_scale(x: Any, gm: GraphModule, values: dict[str, Any], site: Site) -> Any:
+    """q * s (or q / s) with a constant s: fold s into the site scale, return q."""
+    c = is_op(x, gm, "mul", "div")
+    if c is None:
+        return x
+    for s_idx, o_idx in (("a", "b"), ("b", "a")) if c.op == "mul" else (("a", "b"),):
+        s, o = c.get(s_idx), c.get(o_idx)
+        f = _scalar(values, o)
+        v = values.get(s.name) if isinstance(s, Node) else None
+        if isinstance(s, Node) and f is not None and f != 0 and isinstance(v, torch.Tensor) \
+                and v.dim() >= 3:
+            site.scale = site.scale * f if c.op == "mul" else site.scale / f
+            if isinstance(o, Node):
+                site._scale_nodes.append(o)  # type: ignore[attr-defined]
+            return s
+    return x
+
+
+def _match_sdpa(c: COp, gm: GraphModule, cap_path: str) -> Site | None:
+    node = c.node
+    out = node
+    if sdpa_returns_tuple(node):
+        outs = [u for u in node.users if is_getitem(u, 0)]
+        if len(outs) != 1:
+            return None
+        out = outs[0]
+    site = Site(module_path=_module_path(cap_path, node), node_name=node.name, pattern="sdpa")
+    site.q, site.k, site.v = c.get("q"), c.get("k"), c.get("v")
+    site.mask = c.get("attn_mask")
+    site.causal = bool(c.get("is_causal"))
+    s = c.get("scale")
+    site.scale = float(s) if isinstance(s, (int, float)) else None
+    p = c.get("dropout_p")
+    site.dropout_p = float(p) if isinstance(p, (int, float)) else 0.0
+    site.output, site.weights = out, []
+    site.q_fix = site.k_fix = site.v_fix = site.out_fix = []  # type: ignore[attr-defined]
+    site._scale_nodes, site._softmax_dim, site._qk = [], -1, None  # type: ignore[attr-defined]
+    site._all_masks = [site.mask] if isinstance(site.mask, Node) else []  # type: ignore
+    if node.target is not None and c.get("enable_gqa"):
+        site.notes.append("enable_gqa")
+    return site
+
+
+def find_sites(gm: GraphModule, values: dict[str, Any], cap_path: str) -> list[Site]:
+    """All attention sites of ``gm`` in graph order (legality not yet decided)."""
+    sites: list[Site] = []
+    for node in gm.graph.nodes:
+        c = canon(node, gm)
+        if c is None:
+            continue
+        site = None
+        if c.op == "softmax":
+            site = _match_softmax(c, gm, values, cap_path)
+        elif c.op == "sdpa":
+            site = _match_sdpa(c, gm, cap_path)
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+def apply_fix(x: torch.Tensor, fix: list[tuple]) -> torch.Tensor:
+    """Apply a site's layout fixes (transpose / einsum) to a value."""
+    for f in fix:
+        if f[0] == "transpose":
+            x = x.transpose(f[1], f[2])
+        elif f[0] == "einsum":
+            x = torch.einsum(f[1], x)
+    return x
+
+
+def default_scale(head_dim: int) -> float:
+    """SDPA's default softmax scale."""
+    return 1.0 / math.sqrt(head_dim)

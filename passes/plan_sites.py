@@ -1,0 +1,245 @@
+"""Planning: capture every attention-holding module, match and check its sites, and resolve
+kernel / dk per site with the cost model. Nothing is rewritten here (``plan()`` stops after
+this file; ``convert()`` goes on to ``rewrite``).
+
+Capture units: the innermost modules that call softmax / SDPA, minus those inside another
+unit. When a site's attention weights leave the unit only through its output (Hugging Face
+eager attention returns them and the parent layer drops them), the unit moves up to the
+parent and is matched again, so each site is single-exit in the smallest module where it is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule
+
+from flurka_rewrite.config import RewriteConfig
+
+from . import cost_model
+from .capture import Discovery, capture_module, discover, values_of
+from .graph_nx import to_digraph
+from .legality import check, classify_mask, fill
+from .match import find_sites
+from .site import Site
+
+CAUSAL_NOTE = "causal: kernel-only attention (prefix sums), dk not applied"
+MAX_CLIMB = 3
+
+
+@dataclass
+class Unit:
+    """One captured module and its sites."""
+
+    path: str
+    module: nn.Module
+    root: nn.Module
+    kind: str  # "graph" | "mha"
+    gm: GraphModule | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+    sites: list[Site] = field(default_factory=list)
+    how: str = ""
+    call: tuple = ((), {})
+
+    def mha_rel_error(self, new: nn.Module) -> float | None:
+        """|new - original| / |original| of an MHA replacement on the recorded call."""
+        try:
+            args, kwargs = self.call
+            kwargs = {**kwargs, "need_weights": False}
+            with torch.no_grad():
+                ref = self.module(*args, **kwargs)[0]
+                new.eval()
+                out = new(*args, **kwargs)[0]
+            return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+        except Exception:  # noqa: BLE001 - informative only
+            return None
+
+
+def _learned(gm: GraphModule) -> set[str]:
+    names = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            try:
+                t = gm.get_parameter(n.target)
+                if t.requires_grad:
+                    names.add(n.name)
+            except AttributeError:
+                pass
+        elif n.op == "call_module":
+            mod = gm.get_submodule(n.target)
+            if isinstance(mod, nn.Embedding):
+                names.add(n.name)
+    return names
+
+
+def _capture(model: nn.Module, path: str, disc: Discovery, exact: bool, leaves: set[int],
+             cache: dict, depth: int = 0) -> Unit:
+    module = model.get_submodule(path) if path else model
+    args, kwargs = disc.inputs[path]
+    unit = Unit(path, module, model, "graph", call=(args, kwargs))
+    try:
+        cap = capture_module(path, module, args, kwargs, leaves, cache)
+        values = values_of(cap)
+    except Exception as e:  # noqa: BLE001 - report the site as found but not captured
+        s = Site(module_path=path, node_name="?", pattern="unknown")
+        s.skip(f"could not capture this module ({type(e).__name__}: {str(e)[:200]}); "
+               "attention runs here but neither symbolic_trace nor torch.export traced it")
+        unit.sites = [s]
+        return unit
+    unit.gm, unit.values, unit.how = cap.gm, values, cap.how
+    g = to_digraph(cap.gm.graph)
+    params = _learned(cap.gm)
+    sites = find_sites(cap.gm, values, path)
+    for s in sites:
+        fill(s, cap.gm, values)
+        check(s, cap.gm, values, g, params, exact)
+    climb = [s for s in sites if getattr(s, "_escape_output_only", False)]
+    if climb and depth < MAX_CLIMB and path and path.rpartition(".")[0] in disc.inputs:
+        return _capture(model, path.rpartition(".")[0], disc, exact, leaves, cache, depth + 1)
+    unit.sites = sites
+    return unit
+
+
+def _mha_unit(model: nn.Module, path: str, disc: Discovery) -> Unit:
+    mha = model.get_submodule(path)
+    args, kwargs = disc.inputs[path]
+    unit = Unit(path, mha, model, "mha", call=(args, kwargs))
+    s = Site(module_path=path, node_name="mha", pattern="mha")
+    names = ["query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal"]
+    call = dict(zip(names, args))
+    call.update(kwargs)
+    q, k = call["query"], call["key"]
+    if not mha.batch_first:
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+    s.batch, s.seq_len, s.kv_seq_len = q.shape[0], q.shape[1], k.shape[1]
+    s.heads = s.kv_heads = mha.num_heads
+    s.head_dim = s.v_dim = mha.head_dim
+    s.dm, s.scale = mha.embed_dim, mha.head_dim ** -0.5
+    s.dropout_p = mha.dropout
+    am = call.get("attn_mask")
+    s.mask_kind = classify_mask(am, True, bool(call.get("is_causal"))) if am is not None \
+        else ("causal" if call.get("is_causal") else "none")
+    if call.get("key_padding_mask") is not None and s.mask_kind in ("none",):
+        s.mask_kind = "padding"
+    s.causal = s.mask_kind.startswith("causal")
+    if mha.bias_k is not None or mha.add_zero_attn:
+        s.skip("nn.MultiheadAttention with add_bias_kv / add_zero_attn is not supported")
+    elif s.mask_kind in ("bias", "other"):
+        s.skip("the attention mask is neither key padding nor causal")
+    elif call.get("need_weights", True) and _weights_used(model, path):
+        s.skip("attention weights are used elsewhere (the caller reads the MHA's second "
+               "output): rewriting would change them")
+    unit.sites = [s]
+    return unit
+
+
+def _weights_used(model: nn.Module, path: str) -> bool:
+    """Whether the caller of an MHA reads its attention weights (output [1]); True when the
+    caller cannot be traced and the weights were requested."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else None
+    if parent is None:
+        return False  # the MHA is the model itself: its caller is the user's code
+    if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return False
+    try:
+        gm = torch.fx.symbolic_trace(parent)
+    except Exception:  # noqa: BLE001
+        return True
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target == name:
+            for u in n.users:
+                if not (u.op == "call_function" and len(u.args) > 1 and u.args[1] == 0):
+                    if u.users or u.op == "output":
+                        return True
+    return False
+
+
+def analyse(model: nn.Module, example_inputs: Any, cfg: RewriteConfig) -> list[Unit]:
+    """Capture, match and check every site of ``model`` (legality decided, nothing built)."""
+    disc = discover(model, example_inputs)
+    exact = cfg.kernel == "softmax" and cfg.dk is None
+    units: dict[str, Unit] = {}
+    cache: dict = {}  # identical layers share one torch.export
+
+    def inside(p: str, anc: str) -> bool:
+        return anc == "" or p.startswith(anc + ".")
+
+    for path in sorted(disc.holders, key=lambda p: -(p.count(".") + bool(p))):
+        if any(inside(path, u) and units[u].how.startswith("export") for u in units):
+            continue  # already inlined in a captured ancestor
+        leaves = {id(units[p].module) for p in units if inside(p, path)}
+        u = _capture(model, path, disc, exact, leaves, cache)
+        if not u.sites:
+            continue  # softmax here is not attention (e.g. a classifier head)
+        if u.how.startswith("export") or u.path != path:
+            units = {p: v for p, v in units.items() if not inside(p, u.path)}
+        units[u.path] = u
+    for path in disc.mha:
+        if not any(path.startswith(u + ".") and units[u].how.startswith("export") for u in units):
+            units[path] = _mha_unit(model, path, disc)
+    order = list(disc.inputs)
+    out = sorted(units.values(), key=lambda u: order.index(u.path) if u.path in order else 0)
+    i = 0
+    mha_paths = set(disc.mha)
+    for u in out:
+        if u.kind == "graph":  # sites inside an MHA are handled at module level
+            u.sites = [s for s in u.sites if not any(
+                s.module_path == p or s.module_path.startswith(p + ".") for p in mha_paths)]
+        for s in u.sites:
+            s.index, s.calls = i, disc.calls.get(s.module_path, 1)
+            i += 1
+    return out
+
+
+def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig) -> None:
+    """filter_fn, then kernel / dk / num_features per legal site (cost model for "auto")."""
+    mpe = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 0
+    for s in sites:
+        if s.seq_len is not None:
+            _flops_before(s)
+        if not s.ok:
+            continue
+        if cfg.filter_fn is not None and not cfg.filter_fn(s.module_path, s):
+            s.skip("excluded by filter_fn")
+            continue
+        s.max_seq_len = cfg.max_seq_len or max(s.kv_seq_len, int(mpe))
+        dk = cfg.dk
+        if s.causal and dk is not None:
+            s.notes_for_report.append(CAUSAL_NOTE)
+            dk = None
+        if isinstance(dk, int) and dk > s.max_seq_len:
+            s.skip(f"dk={dk} is larger than the longest key sequence {s.max_seq_len} "
+                   "(max_seq_len); use a smaller dk or dk=None")
+            continue
+        M = s.kv_seq_len if not isinstance(dk, int) else max(s.kv_seq_len, dk)
+        N = s.seq_len if s.seq_len != s.kv_seq_len else M
+        try:
+            ch = cost_model.choose(
+                kernel=cfg.kernel, dk=dk, num_features=cfg.num_features, B=s.batch, N=N, M=M,
+                H=s.heads, Hkv=s.kv_heads, dh=s.head_dim, dm=s.dm, causal=s.causal,
+                hoistable=cfg.hoist and s.k_chain is not None,
+                padding_mask="padding" in s.mask_kind)
+            s.kernel, s.dk, s.num_features, s.flops_after = ch.kernel, ch.dk, ch.num_features, ch.flops
+            if cfg.kernel == "auto" or dk == "auto":
+                s.notes_for_report.append(ch.reason)
+            if M != s.kv_seq_len:
+                s.notes_for_report.append(f"FLOPs at key length {M} (dk > example length)")
+        except ValueError as e:
+            s.kernel = "performer" if cfg.kernel == "auto" else cfg.kernel
+            s.dk = dk if isinstance(dk, int) else None
+            s.num_features = cfg.num_features
+            s.notes_for_report.append(f"no FLOP estimate: {e}")
+
+
+def _flops_before(s: Site) -> None:
+    try:
+        s.flops_before = cost_model.site_flops(
+            kernel="softmax", dk=None, B=s.batch, N=s.seq_len, M=s.kv_seq_len, H=s.heads,
+            Hkv=s.kv_heads, dh=s.head_dim, dm=s.dm, causal=s.causal,
+            padding_mask="padding" in s.mask_kind)
+    except (ValueError, TypeError):
+        s.flops_before = None

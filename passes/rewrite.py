@@ -1,0 +1,147 @@
+"""Rewrite: replace a legal site's nodes by one call to a ``FlurkaAttention`` submodule.
+
+    q, k, v (layout fixes applied; GQA repeat_kv stripped)  -> flurka_<i>(q, k, v, attn_mask=m)
+
+When the K and V projection chains are linear and position-independent and the site is
+low-rank, the down-sampling is hoisted above the projections (DESIGN 3.3):
+
+    keep = flurka_<i>.key_keep(m, M)
+    k    = flurka_<i>.project_kv(x, W_k, b_k, "k", keep).view(B, dk, Hkv, dh).transpose(1, 2)
+    out  = flurka_<i>(q, k, v, attn_mask=m, source_len=M)
+
+The replaced nodes become dead and are removed; ``graph.lint()`` runs after every site.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from flurka_rewrite.attention import FlurkaAttention
+
+from .site import KVChain, Site
+
+
+def build_attention(site: Site, *, kernel: str, dk: int | None, num_features: int | None,
+                    max_seq_len: int | None, seed: int, e_init: str, backend: str
+                    ) -> FlurkaAttention:
+    """The FlurkaAttention module for one site (kernel/dk already resolved)."""
+    return FlurkaAttention(
+        kernel=kernel, heads=site.heads, head_dim=site.head_dim, kv_heads=site.kv_heads,
+        dk=dk, max_seq_len=max_seq_len if dk is not None else None,
+        num_features=num_features if kernel in ("performer", "ffk") else None,
+        scale=site.scale, causal=site.causal, dropout=site.dropout_p, e_init=e_init,
+        seed=seed, backend=backend)
+
+
+def _fix(g, x: Node, fix: list[tuple]) -> Node:
+    for f in fix:
+        if f[0] == "transpose":
+            x = g.call_method("transpose", (x, f[1], f[2]))
+        elif f[0] == "einsum":
+            x = g.call_function(torch.einsum, (f[1], x))
+    return x
+
+
+def _weight_node(g, gm: GraphModule, chain: KVChain, which: str) -> Any:
+    """Node (or None) for the projection's weight/bias."""
+    val = chain.weight if which == "weight" else chain.bias
+    if isinstance(val, Node) or val is None:
+        return val
+    # call_module Linear: read its parameter through get_attr
+    return g.get_attr(f"{chain.linear.target}.{which}")
+
+
+def _hoisted_kv(g, gm: GraphModule, fa: Node, chain: KVChain, which: str, keep: Node,
+                site: Site, dk: int, dim: int) -> Node:
+    w = _weight_node(g, gm, chain, "weight")
+    b = _weight_node(g, gm, chain, "bias")
+    y = g.call_method("project_kv", (fa, chain.x, w, b, which, keep))  # (B, dk, Hkv*d)
+    b0 = g.call_method("size", (chain.x, 0))
+    y = g.call_method("view", (y, b0, dk, site.kv_heads, dim))  # (B, dk, Hkv, d)
+    y = g.call_method("transpose", (y, 1, 2))  # (B, Hkv, dk, d)
+    return y
+
+
+def _keep(node: Node) -> bool:
+    """Nodes dead-code elimination must keep: the capture's runtime guards and impure ops."""
+    from .capture import _guard
+    return (node.op == "call_function" and node.target is _guard) or node.is_impure()
+
+
+def rewrite_site(gm: GraphModule, site: Site, name: str, attn: FlurkaAttention,
+                 hoist: bool) -> bool:
+    """Insert the FlurkaAttention call for ``site`` into ``gm``; returns whether it hoisted."""
+    gm.add_submodule(name, attn)
+    g = gm.graph
+    out = site.output
+    hoisted = False
+    with g.inserting_before(out):
+        q = _fix(g, site.q, site.q_fix)  # type: ignore[attr-defined]
+        mask = site.mask
+        if mask is not None and site.mask_invert:
+            mask = g.call_function(torch.logical_not, (mask,))
+        flat = site.layout == "flat"
+        kwargs: dict[str, Any] = {"attn_mask": mask}
+        if hoist and attn.dk is not None and site.k_chain is not None and not flat:
+            fa = g.get_attr(name)
+            src_len = g.call_method("size", (site.k_chain.x, 1))
+            keep = g.call_method("key_keep", (fa, mask, src_len))
+            k = _hoisted_kv(g, gm, fa, site.k_chain, "k", keep, site, attn.dk, site.head_dim)
+            v = _hoisted_kv(g, gm, fa, site.v_chain, "v", keep, site, attn.dk, site.v_dim)
+            kwargs["source_len"] = src_len
+            hoisted = True
+        else:
+            k = _fix(g, site.k_pre_repeat or site.k, site.k_fix)  # type: ignore[attr-defined]
+            v = _fix(g, site.v_pre_repeat or site.v, site.v_fix)  # type: ignore[attr-defined]
+        if flat:  # (B*H, N, d) -> (B*H, 1, N, d); a (B*H, N, M) mask likewise
+            q, k, v = (g.call_method("unsqueeze", (t, 1)) for t in (q, k, v))
+            if mask is not None and site.mask_rank == 3:
+                kwargs["attn_mask"] = g.call_method("unsqueeze", (mask, 1))
+        res = g.call_module(name, (q, k, v), kwargs)
+        if flat:
+            res = g.call_method("squeeze", (res, 1))
+        res = _fix(g, res, site.out_fix)  # type: ignore[attr-defined]
+    out.replace_all_uses_with(res)
+    g.eliminate_dead_code(is_impure_node=_keep)
+    g.lint()
+    return hoisted
+
+
+def site_inputs(site: Site, values: dict[str, Any]) -> tuple:
+    """(q, k, v, attn_mask) of the site on the example inputs, in FlurkaAttention layout."""
+    from .match import apply_fix
+    q = apply_fix(values[site.q.name], site.q_fix)  # type: ignore[attr-defined]
+    k = apply_fix(values[(site.k_pre_repeat or site.k).name], site.k_fix)  # type: ignore
+    v = apply_fix(values[(site.v_pre_repeat or site.v).name], site.v_fix)  # type: ignore
+    mask = values.get(site.mask.name) if isinstance(site.mask, Node) else None
+    if mask is not None and site.mask_invert:
+        mask = ~mask
+    if site.layout == "flat":
+        q, k, v = q[:, None], k[:, None], v[:, None]
+        if mask is not None and mask.dim() == 3:
+            mask = mask[:, None]
+    return q, k, v, mask
+
+
+def rel_error(site: Site, values: dict[str, Any], attn: FlurkaAttention) -> float | None:
+    """|out - ref| / |ref| of the site's FlurkaAttention (unhoisted) against the original."""
+    try:
+        q, k, v, mask = site_inputs(site, values)
+        ref = values[site.output.name]
+        if site.output.op == "call_function" and isinstance(ref, tuple):
+            ref = ref[0]
+        was = attn.training
+        attn.eval()
+        with torch.no_grad():
+            out = attn(q, k, v, attn_mask=mask)
+        attn.train(was)
+        if site.layout == "flat":
+            out = out[:, 0]
+        from .match import apply_fix
+        out = apply_fix(out, site.out_fix)  # type: ignore[attr-defined]
+        ref = ref.float()
+        return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+    except Exception:  # noqa: BLE001 - rel_error is informative only
+        return None

@@ -1,0 +1,299 @@
+"""The CLI: exit codes and one-line errors for bad inputs, safe writes, and round trips on the
+embedded demo model through the real compiler."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+from flurka_rewrite.cli import EXIT_CODES, main
+from flurka_rewrite.demo import build_demo_model, demo_inputs, export_demo
+from flurka_rewrite.report import RewriteReport, SiteReport
+
+HAS_COMPILER = importlib.util.find_spec("flurka_rewrite.convert") is not None
+needs_compiler = pytest.mark.skipif(
+    not HAS_COMPILER, reason="flurka_rewrite.convert (the compiler) does not exist yet")
+
+# The demo model has two attention layers: the true number of sites.
+DEMO_SITES = 2
+# Sequence lengths that are not powers of two.
+N_EXAMPLE = 100
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Model files, good and bad, shared by the tests of this module (written once)."""
+    d = tmp_path_factory.mktemp("models")
+    f = {name: str(d / name) for name in (
+        "demo.pt2", "full.pt", "state_dict.pt", "truncated.pt2", "truncated.pt", "junk.pt",
+        "mlp.pt2", "weights.safetensors")}
+    export_demo(f["demo.pt2"], batch=2, seq_len=N_EXAMPLE)
+    model = build_demo_model()
+    torch.save(model, f["full.pt"])
+    torch.save(model.state_dict(), f["state_dict.pt"])
+    for src, dst in (("demo.pt2", "truncated.pt2"), ("full.pt", "truncated.pt")):
+        data = open(f[src], "rb").read()
+        open(f[dst], "wb").write(data[: len(data) // 2])
+    open(f["junk.pt"], "wb").write(bytes(range(256)) * 8)
+    open(f["weights.safetensors"], "wb").write(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    mlp = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 3))
+    torch.export.save(torch.export.export(mlp, (torch.randn(2, 7, 12),)), f["mlp.pt2"])
+    return f
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def fake_compiler(sites: list[SiteReport] | None = None, exc: Exception | None = None):
+    """A stand-in ``flurka_rewrite.convert`` module, to test how the CLI maps what the compiler
+    does (an empty report, an exception) onto exit codes, independently of the compiler."""
+    mod = types.ModuleType("flurka_rewrite.convert")
+
+    def plan(model: nn.Module, **options) -> RewriteReport:
+        if exc is not None:
+            raise exc
+        return RewriteReport(model=type(model).__name__, sites=list(sites or []))
+
+    def convert(model: nn.Module, **options) -> nn.Module:
+        new = copy.deepcopy(model)
+        new.flurka_report = plan(model, **options)
+        return new
+
+    mod.plan, mod.convert = plan, convert
+    return mod
+
+
+ONE_SITE = [SiteReport(path="blocks.0.attn:softmax", pattern="matmul-div-softmax-matmul",
+                       status="rewritten", kernel="relu", dk=32)]
+
+
+def test_help_lists_every_exit_code(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for code, meaning in EXIT_CODES.items():
+        assert f"{code:>3}  {meaning}" in out
+    assert "--trust-pickle" in out and "weights_only=False" in out
+
+
+def test_error_from_a_real_process_is_one_line(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "flurka_rewrite.cli", str(tmp_path / "nope.pt2"),
+                           "-o", str(tmp_path / "out.pt2")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("flurka-rewrite: error")]
+    assert len(errors) == 1 and "does not exist" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+BAD = {
+    # id: (argv with {placeholders}, exit code, words the message must contain)
+    "missing-file": (["{tmp}/absent.pt2", "-o", "{tmp}/o.pt2"], 3, "does not exist"),
+    "truncated-pt2": (["{truncated.pt2}", "-o", "{tmp}/o.pt2"], 3, "truncated or corrupt"),
+    "truncated-pt": (["{truncated.pt}", "-o", "{tmp}/o.pt2"], 3, "truncated or corrupt"),
+    "junk-bytes": (["{junk.pt}", "-o", "{tmp}/o.pt2"], 3, "not a readable PyTorch file"),
+    "state-dict": (["{state_dict.pt}", "-o", "{tmp}/o.pt2"], 5, "holds a state_dict"),
+    "safetensors-file": (["{weights.safetensors}", "-o", "{tmp}/o.pt2"], 5, "only weights"),
+    "pickle-refused": (["{full.pt}", "-o", "{tmp}/o.pt2"], 4, "--trust-pickle"),
+    "output-exists": (["{demo.pt2}", "-o", "{full.pt}"], 8, "pass --force"),
+    "output-is-input": (["{demo.pt2}", "-o", "{demo.pt2}", "--force"], 8, "never overwrites"),
+    "dk-zero": (["{demo.pt2}", "-o", "{tmp}/o.pt2", "--dk", "0"], 2, "dk must be a positive"),
+    "dk-not-a-number": (["{demo.pt2}", "-o", "{tmp}/o.pt2", "--dk", "big"], 2, "--dk must be"),
+    "dk-above-seq-len": (["{demo.pt2}", "-o", "{tmp}/o.pt2", "--dk", "80", "--example-shape",
+                          "2,63"], 2, "larger than the sequence length 63"),
+    "unknown-kernel": (["{demo.pt2}", "-o", "{tmp}/o.pt2", "--kernel", "favor"], 2,
+                       "unknown kernel 'favor'; expected one of performer"),
+    "unknown-backend": (["{demo.pt2}", "-o", "{tmp}/o.pt2", "--backend", "cuda"], 2,
+                        "unknown backend"),
+    "bad-shape": (["{demo.pt2}", "-o", "{tmp}/o.pt2", "--example-shape", "2x63"], 2, "B,N"),
+    "unknown-flag": (["{demo.pt2}", "-o", "{tmp}/o.pt2", "--fast"], 2, "unrecognized"),
+    "no-output": (["{demo.pt2}"], 2, "-o OUTPUT is required"),
+    "bad-output-suffix": (["{demo.pt2}", "-o", "{tmp}/o.onnx"], 2, "unsupported output"),
+    "input-and-demo": (["{demo.pt2}", "--demo", "-o", "{tmp}/o.pt2"], 2, "exactly one of"),
+    "not-a-model-dir": (["{tmp}", "-o", "{tmp}/o.pt2"], 3, "no config.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_gives_its_exit_code_and_one_line(case: str, files, tmp_path, capsys) -> None:
+    argv, code, words = BAD[case]
+    names = {"{tmp}": str(tmp_path), **{"{" + k + "}": v for k, v in files.items()}}
+    argv = [a.replace(a[a.find("{"):a.find("}") + 1], names.get(a[a.find("{"):a.find("}") + 1],
+                                                               "")) if "{" in a else a
+            for a in argv]
+    before = sorted(os.listdir(tmp_path))
+    rc, out, err = run_cli(capsys, *argv, "-q")
+    assert rc == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flurka-rewrite: error:"), err
+    assert words in lines[0]
+    assert "Traceback" not in err and out == ""
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+def test_unavailable_features_exit_9(files, tmp_path, capsys) -> None:
+    import flurka_rewrite as fr
+
+    if not hasattr(fr, "export_onnx"):
+        rc, _, err = run_cli(capsys, files["demo.pt2"], "-o", str(tmp_path / "o.pt2"), "-q",
+                             "--onnx", str(tmp_path / "o.onnx"))
+        assert rc == 9 and "--onnx is not available yet" in err
+    if not hasattr(fr, "save"):
+        rc, _, err = run_cli(capsys, files["demo.pt2"], "-o", str(tmp_path / "outdir"), "-q")
+        assert rc == 9 and "directory outputs" in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("compiler,code,words", [
+    (fake_compiler(sites=[]), 6, "no attention found"),
+    (fake_compiler(exc=RuntimeError("boom\nsecond line")), 7, "RuntimeError: boom second line"),
+    (fake_compiler(exc=ValueError("dk=64 needs max_seq_len")), 2, "dk=64 needs max_seq_len"),
+], ids=["empty-report", "compiler-crash", "compiler-value-error"])
+def test_compiler_outcomes_map_to_exit_codes(compiler, code, words, files, tmp_path, capsys,
+                                             monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "flurka_rewrite.convert", compiler)
+    rc, _, err = run_cli(capsys, files["demo.pt2"], "-o", str(tmp_path / "o.pt2"), "-q",
+                         "--dk", "32")
+    assert rc == code, err
+    assert words in err and len(err.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_trust_pickle_loads_the_module(files, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "flurka_rewrite.convert", fake_compiler(ONE_SITE))
+    rc, out, err = run_cli(capsys, files["full.pt"], "--trust-pickle", "--dry-run", "-q")
+    assert rc == 0, err
+    assert "DemoTransformer: 1 attention site found" in out
+
+
+def test_dry_run_writes_nothing(files, tmp_path, capsys, monkeypatch) -> None:
+    if not HAS_COMPILER:
+        monkeypatch.setitem(sys.modules, "flurka_rewrite.convert", fake_compiler(ONE_SITE))
+    out_path = tmp_path / "o.pt2"
+    rc, out, err = run_cli(capsys, "--demo", "-o", str(out_path), "--dry-run", "--kernel",
+                           "relu", "--dk", "32", "--example-shape", f"2,{N_EXAMPLE}")
+    assert rc == 0, err
+    assert os.listdir(tmp_path) == [] and "blocks.0" in out
+    assert "[1/3] loading" in err and "[2/3] planning" in err  # progress lines
+
+
+def test_demo_model_ignores_padded_tokens() -> None:
+    # The demo's padding mask must work, or its rel. errors would mean nothing: changing the
+    # padded tokens of a sequence leaves its logits unchanged (fp32 roundoff only: 1e-5).
+    model = build_demo_model()
+    x = demo_inputs(2, 70, seed=3, pad_last=20)
+    y = demo_inputs(2, 70, seed=3, pad_last=20)
+    y["input_ids"][-1, 50:] = (y["input_ids"][-1, 50:] + 17) % 256
+    with torch.no_grad():
+        a, b = model(**x), model(**y)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert a.shape == (2, 4) and torch.isfinite(a).all()
+
+
+def test_hf_directory_loads_offline_with_token_inputs(tmp_path, capsys) -> None:
+    transformers = pytest.importorskip("transformers")
+    from flurka_rewrite.io import example_inputs_for, load_model
+
+    cfg = transformers.BertConfig(vocab_size=91, hidden_size=24, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=40,
+                                  max_position_embeddings=64)
+    good, bad = tmp_path / "bert", tmp_path / "bert_bad"
+    transformers.BertForSequenceClassification(cfg).save_pretrained(good)
+    loaded = load_model(str(good), quiet=True)
+    assert type(loaded.module).__name__ == "BertForSequenceClassification"
+    x = example_inputs_for(loaded, (3, 37))
+    assert x["input_ids"].shape == (3, 37) and int(x["input_ids"].max()) < 91
+    assert x["attention_mask"].eq(1).all()
+    assert set(example_inputs_for(loaded, None)) >= {"input_ids"}  # the model's dummy_inputs
+    # Truncated weights: exit 3, one line.
+    bad.mkdir()
+    (bad / "config.json").write_text((good / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:500])
+    capsys.readouterr()  # drop save_pretrained's progress bar
+    rc, _, err = run_cli(capsys, str(bad), "--dry-run", "-q")
+    assert rc == 3 and "could not load the Hugging Face model" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+# -- round trips through the real compiler ------------------------------------------------
+def new_inputs() -> dict[str, torch.Tensor]:
+    """Inputs the conversion never saw: another seed, the last sequence padded."""
+    return demo_inputs(2, N_EXAMPLE, seed=11, pad_last=30)
+
+
+def run_program(path: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.export.load(path).module()(**inputs)
+
+
+# The demo model as the CLI's built-in input (an nn.Module) and as a torch.export program file
+# (an ATen-level GraphModule): the compiler must handle both.
+SOURCES = {"builtin-demo": ["--demo"], "pt2-file": ["{demo.pt2}"]}
+
+
+def source_args(source: str, files: dict[str, str]) -> list[str]:
+    return [files["demo.pt2"] if a == "{demo.pt2}" else a for a in SOURCES[source]]
+
+
+@needs_compiler
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_round_trip_pt2_performer(source, files, tmp_path, capsys) -> None:
+    out, rep = str(tmp_path / "flurka.pt2"), str(tmp_path / "report.json")
+    rc, stdout, err = run_cli(capsys, *source_args(source, files), "-o", out, "--kernel",
+                              "performer", "--dk", "48", "--example-shape", f"2,{N_EXAMPLE}",
+                              "--report", rep)
+    assert rc == 0, err
+    report = RewriteReport.from_dict(json.load(open(rep)))
+    assert len(report.sites) == DEMO_SITES and len(report.rewritten) == DEMO_SITES
+    assert all(s.kernel == "performer" and s.dk == 48 for s in report.sites)
+    assert "end-to-end: relative error" in stdout
+    y = run_program(out, new_inputs())
+    assert y.shape == (2, 4) and torch.isfinite(y).all()
+    assert sorted(os.listdir(tmp_path)) == ["flurka.pt2", "report.json"]  # no temp files left
+
+
+@needs_compiler
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_exact_mode_reproduces_the_original(source, files, tmp_path, capsys) -> None:
+    out = str(tmp_path / "exact.pt2")
+    rc, _, err = run_cli(capsys, *source_args(source, files), "-o", out, "--kernel", "softmax",
+                         "--dk", "none", "--example-shape", f"2,{N_EXAMPLE}", "-q")
+    assert rc == 0, err
+    x = new_inputs()
+    with torch.no_grad():
+        ref = build_demo_model()(**x)
+    # fp32, same math in another op order: 1e-5 (DESIGN section 6).
+    torch.testing.assert_close(run_program(out, x), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_pt_output_loads_with_trust_and_runs(files, tmp_path, capsys) -> None:
+    out, rep = str(tmp_path / "flurka.pt"), str(tmp_path / "report.md")
+    rc, _, err = run_cli(capsys, "--demo", "-o", out, "--kernel", "relu", "--dk", "32",
+                         "--example-shape", f"2,{N_EXAMPLE}", "--report", rep, "-q")
+    assert rc == 0, err
+    model = torch.load(out, weights_only=False)
+    with torch.no_grad():
+        y = model(**new_inputs())
+    assert torch.isfinite(y).all()
+    assert open(rep).read().count("\n| `") == DEMO_SITES
+
+
+@needs_compiler
+def test_model_without_attention_exits_6(files, tmp_path, capsys) -> None:
+    rc, _, err = run_cli(capsys, files["mlp.pt2"], "-o", str(tmp_path / "o.pt2"), "-q",
+                         "--dk", "none", "--kernel", "relu")
+    assert rc == 6 and "no attention found" in err
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,187 @@
+"""Triton FLuRKA kernels against the PyTorch reference, forward and backward.
+
+On a machine without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1,
+set here before triton is imported when the caller did not set it); with CUDA they run on
+the GPU. Shapes are tiny and odd (N = 37, 70; M = 23; head dims 20 and 48; dv != dh) so that
+every block has a masked tail. Oracle: ``reference.attention_core`` (plain PyTorch, fp32).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="the triton package is not installed")
+
+from flurka_rewrite.attention import FlurkaAttention  # noqa: E402
+from flurka_rewrite.kernels import dispatch  # noqa: E402
+from flurka_rewrite.kernels.feature_maps import build_feature_map  # noqa: E402
+from flurka_rewrite.kernels.reference import attention_core  # noqa: E402
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+from flurka_rewrite.kernels.triton_ops import triton_attention_core  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FMAPS = ["performer", "relu", "rnn", "ffk"]
+# (B, H, Hkv, N, M, dh, dv, masked): GQA + padding + odd sizes; and MHA with dh=48, N=70.
+SHAPES = {
+    "gqa-mask-n37-d20": (2, 4, 2, 37, 23, 20, 23, True),
+    "mha-n70-d48": (1, 2, 2, 70, 70, 48, 48, False),
+}
+# fp32: the kernels use exact fp32 products (input_precision="ieee") and fp32 sums in another
+# order than PyTorch; measured errors are ~1e-6. 1e-4 leaves a wide margin while a wrong
+# term (mask, GQA group, stabilizer, a missing gradient path) gives errors > 1e-2.
+TOL_FP32 = 1e-4
+# bf16/fp16: dot operands (phi, S, V) are rounded to the input dtype (8 / 11 mantissa bits)
+# before fp32 accumulation, and the output is rounded: relative errors of a few 1e-3.
+TOL_LOWP = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius error |a - b| / |b| in fp64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def make_inputs(shape, causal: bool, dtype=torch.float32, seed: int = 0):
+    B, H, Hkv, N, M, dh, dv, masked = shape
+    M = N if causal else M
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, dh, generator=g)
+    k = torch.randn(B, Hkv, M, dh, generator=g)
+    v = torch.randn(B, Hkv, M, dv, generator=g)
+    mask = None
+    if masked:
+        mask = torch.rand(B, M, generator=g) > 0.3
+        mask[0, :3] = False  # leading padding: the causal prefix starts empty
+        mask[:, -1] = True
+        mask = mask.to(DEVICE)
+    q, k, v = (t.to(DEVICE, dtype).requires_grad_(True) for t in (q, k, v))
+    return q, k, v, mask
+
+
+def make_map(name: str, shape):
+    _, _, Hkv, _, _, dh, _, _ = shape
+    fm = build_feature_map(name, head_dim=dh, kv_heads=Hkv, num_features=40, seed=1)
+    return fm.to(DEVICE)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("shape_id", list(SHAPES))
+@pytest.mark.parametrize("fmap", FMAPS)
+def test_forward_backward_match_reference(fmap: str, shape_id: str, causal: bool) -> None:
+    shape = SHAPES[shape_id]
+    fm = make_map(fmap, shape)
+    q, k, v, mask = make_inputs(shape, causal)
+    out = triton_attention_core(q, k, v, feature_map=fm, key_padding_mask=mask, causal=causal)
+    ref = attention_core(q, k, v, feature_map=fm, key_padding_mask=mask, causal=causal)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert rel_err(out, ref) < TOL_FP32, f"output: {rel_err(out, ref):.2e}"
+    dout = torch.randn_like(out)
+    params = list(fm.parameters())  # ffk weights; empty for the others
+    g_tri = torch.autograd.grad(out, (q, k, v, *params), dout)
+    g_ref = torch.autograd.grad(ref, (q, k, v, *params), dout)
+    names = ["dq", "dk", "dv"] + [f"d{n}" for n, _ in fm.named_parameters()]
+    for name, a, b in zip(names, g_tri, g_ref):
+        assert rel_err(a, b) < TOL_FP32, f"{name}: {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("fmap", ["performer", "rnn"])
+def test_low_precision_forward_backward(fmap: str, dtype: torch.dtype) -> None:
+    shape = SHAPES["gqa-mask-n37-d20"]
+    fm = make_map(fmap, shape)
+    q, k, v, mask = make_inputs(shape, causal=False, dtype=dtype)
+    out = triton_attention_core(q, k, v, feature_map=fm, key_padding_mask=mask)
+    # oracle: the fp32 reference on the same (already rounded) inputs
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    ref = attention_core(q32, k32, v32, feature_map=fm, key_padding_mask=mask)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < TOL_LOWP[dtype], f"output: {rel_err(out, ref):.2e}"
+    dout = torch.randn_like(ref)
+    g_tri = torch.autograd.grad(out, (q, k, v), dout.to(dtype))
+    g_ref = torch.autograd.grad(ref, (q32, k32, v32), dout)
+    for name, a, b in zip(["dq", "dk", "dv"], g_tri, g_ref):
+        assert a.dtype == dtype
+        assert rel_err(a, b) < 2 * TOL_LOWP[dtype], f"{name}: {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("kernel", ["performer", "ffk"])
+def test_flurka_module_triton_equals_torch(kernel: str) -> None:
+    """Full FLuRKA layer (low-rank E, F then the fused core): outputs and gradients of q, k,
+    v, E, F (and the ffk weights) with backend="triton" equal backend="torch"."""
+    B, H, Hkv, N, dh, dk = 2, 4, 2, 37, 20, 12
+    mods = {}
+    for backend in ("torch", "triton"):
+        mods[backend] = FlurkaAttention(kernel=kernel, heads=H, kv_heads=Hkv, head_dim=dh,
+                                        dk=dk, max_seq_len=48, e_init="gaussian",
+                                        num_features=40, seed=3, backend=backend).to(DEVICE)
+    mods["triton"].load_state_dict(mods["torch"].state_dict())
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, H, N, dh, generator=g).to(DEVICE)
+    k = torch.randn(B, Hkv, N, dh, generator=g).to(DEVICE)
+    v = torch.randn(B, Hkv, N, dh, generator=g).to(DEVICE)
+    mask = torch.ones(B, N, dtype=torch.bool, device=DEVICE)
+    mask[1, 30:] = False
+    outs, grads = {}, {}
+    for backend, mod in mods.items():
+        mod.eval()
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = mod(qq, kk, vv, key_padding_mask=mask)
+        params = dict(mod.named_parameters())
+        gr = torch.autograd.grad(out, (qq, kk, vv, *params.values()),
+                                 torch.ones_like(out) / out.numel() ** 0.5)
+        outs[backend] = out
+        grads[backend] = dict(zip(["q", "k", "v", *params], gr))
+    assert rel_err(outs["triton"], outs["torch"]) < TOL_FP32
+    assert {"E", "F"} <= set(grads["torch"])
+    for name, ref in grads["torch"].items():
+        err = rel_err(grads["triton"][name], ref)
+        assert err < TOL_FP32, f"grad {name}: {err:.2e}"
+
+
+def test_export_sees_one_custom_op_node() -> None:
+    """torch.export keeps the fused core as one opaque node (the fake impl gives its shapes)."""
+    fm = make_map("relu", SHAPES["mha-n70-d48"])
+
+    class Core(torch.nn.Module):
+        def forward(self, q, k, v):
+            return triton_attention_core(q, k, v, feature_map=fm)
+
+    q = torch.randn(1, 2, 20, 48, device=DEVICE)
+    k = torch.randn(1, 2, 17, 48, device=DEVICE)
+    ep = torch.export.export(Core(), (q, k, k.clone()))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert sum("flurka_core_fwd" in t for t in targets) == 1, targets
+    out = ep.module()(q, k, k.clone())
+    assert rel_err(out, attention_core(q, k, k.clone(), feature_map=fm)) < TOL_FP32
+
+
+def test_backend_triton_on_cpu_without_interpreter_raises(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fm = build_feature_map("relu", head_dim=8)
+    q = torch.randn(1, 1, 5, 8)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        dispatch.attention_core_dispatch(q, q, q, feature_map=fm, backend="triton")
+
+
+def test_backend_auto_on_cpu_uses_reference(monkeypatch) -> None:
+    import flurka_rewrite.kernels.triton_ops as ops
+
+    def fail(*args, **kwargs):
+        raise AssertionError("backend='auto' must not run Triton on CPU tensors")
+
+    monkeypatch.setattr(ops, "triton_attention_core", fail)
+    fm = build_feature_map("rnn", head_dim=8)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=g) for _ in range(3))
+    assert dispatch.resolve_backend("auto", "cpu", fm) == "torch"
+    out = dispatch.attention_core_dispatch(q, k, v, feature_map=fm, backend="auto")
+    assert torch.equal(out, attention_core(q, k, v, feature_map=fm))
