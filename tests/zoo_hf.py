@@ -1,18 +1,11 @@
 """Hugging Face model zoo for the compiler tests: tiny models built offline from configs.
 
-Every builder makes a randomly initialised, seeded, `.eval()` model from its transformers 5.x
-config class (no downloads, no tokenizers) and returns a `ZooEntry` that says what the compiler
-should find: one `ExpectedSite` per attention *module* (module path, causal, cross, rewritable or
-skipped and why, how many times it is called per forward).
-
-    from zoo_hf import ZOO, build
-    entry = build("llama", attn_implementation="eager")
-    out = entry.model(**entry.example_inputs)
-
-Counting rule: one site per attention module. ALBERT shares one layer across all its layers, so
-its single module is one site called `num_hidden_layers` times (`ExpectedSite.calls`).
-How each model's attention looks when captured: docs/internal/hf_graphs.md.
-Run `python tests/zoo_hf.py` to build every entry, run a forward pass and print the timings.
+Each builder makes a seeded random-weight `.eval()` model from its transformers 5.x config class
+(no downloads) and returns a `ZooEntry`: example inputs and one `ExpectedSite` per attention
+*module* (path, causal, cross, rewritable or skipped and why, calls per forward, H/Hkv/dh/N/M).
+`entry = build("llama", attn_implementation="eager"); entry.model(**entry.example_inputs)`.
+ALBERT shares one module across its layers: one site, `calls=2`. `check_sites(entry)` verifies the
+sites independently. Capture notes: docs/internal/hf_graphs.md. `python tests/zoo_hf.py` checks all.
 """
 from __future__ import annotations
 
@@ -175,8 +168,7 @@ def albert(attn_implementation: str = "sdpa") -> ZooEntry:
     site = ExpectedSite("encoder.albert_layer_groups.0.albert_layers.0.attention", calls=LAYERS)
     return ZooEntry("albert", _from_config(tf.AlbertModel, cfg, attn_implementation),
                     _text_inputs(cfg.pad_token_id), (site,), attn_implementation,
-                    notes="parameters shared across layers: one module, one site, called twice; "
-                          "its E/F are shared too")
+                    notes="one module shared by all layers: one site called twice, one E/F")
 
 
 def electra(attn_implementation: str = "sdpa") -> ZooEntry:
@@ -210,8 +202,7 @@ def gpt2(attn_implementation: str = "sdpa") -> ZooEntry:
     cfg = tf.GPT2Config(**GPT2_CFG)
     return ZooEntry("gpt2", _from_config(tf.GPT2Model, cfg, attn_implementation),
                     _text_inputs(cfg.eos_token_id), _dec_sites("h", LAYERS, "attn"),
-                    attn_implementation, notes="fused QKV: c_attn is Conv1D (x @ W + b, W is "
-                                               "(in, 3*out)) then .split(dm, dim=2)")
+                    attn_implementation, notes="fused QKV: Conv1D c_attn, W (dm, 3dm), split")
 
 
 def gpt2_lm(attn_implementation: str = "sdpa") -> ZooEntry:
@@ -373,8 +364,22 @@ def count_attention_calls(entry: ZooEntry) -> _AttnCallCounter:
     return counter
 
 
+def check_sites(entry: ZooEntry) -> None:
+    """Assert `entry.sites` against the running model: call counts per site, nothing outside the
+    sites, and (sdpa only) (H, Hkv, dh, N, M) read from the SDPA call."""
+    counter = count_attention_calls(entry)
+    want = {s.path: s.calls for s in entry.sites}
+    assert counter.counts == want, f"{entry.name}: attention calls {counter.counts} != {want}"
+    for s in entry.sites if entry.attn_implementation == "sdpa" else ():
+        (_, h, n, dh), (_, _, m, _) = counter.shapes[s.path]
+        groups = getattr(entry.model.get_submodule(s.path), "num_key_value_groups", 1)
+        got = (h, h // groups, dh, n, m)
+        exp = (s.heads, s.kv_heads, s.head_dim, s.seq_len, s.kv_seq_len)
+        assert got == exp, f"{entry.name}/{s.path}: (H, Hkv, dh, N, M) = {got}, expected {exp}"
+
+
 def _main() -> None:
-    """Build every entry in both implementations, run one forward pass, print timings."""
+    """Build every entry in both implementations, run one forward pass, check sites, time it."""
     torch.set_num_threads(1)   # 2 intra-op threads on a shared 2-core box are 10-30x slower
     total = 0.0
     for name in ZOO:
@@ -386,16 +391,7 @@ def _main() -> None:
             dt = time.perf_counter() - t0
             total += dt
             assert torch.isfinite(out[e.output_key]).all(), f"{name}/{impl}: non-finite output"
-            counter = count_attention_calls(e)
-            want = {s.path: s.calls for s in e.sites}
-            assert counter.counts == want, f"{name}/{impl}: calls {counter.counts} != {want}"
-            for s in e.sites if impl == "sdpa" else ():
-                (_, h, n, dh), (_, _, m, _) = counter.shapes[s.path]
-                mod = e.model.get_submodule(s.path)
-                kvh = h // getattr(mod, "num_key_value_groups", 1)
-                got = (h, kvh, dh, n, m)
-                assert got == (s.heads, s.kv_heads, s.head_dim, s.seq_len, s.kv_seq_len), \
-                    f"{name}/{s.path}: (H, Hkv, dh, N, M) = {got}"
+            check_sites(e)
             print(f"{name:10s} {impl:5s} sites={e.expected_sites} "
                   f"{tuple(out[e.output_key].shape)} {dt * 1e3:7.1f} ms")
     print(f"total {total:.2f} s")
