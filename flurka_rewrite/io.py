@@ -18,7 +18,7 @@ import logging
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -73,7 +73,6 @@ class LoadedModel:
     hf_config: Any = None
     # example inputs recorded in the file (a .pt2 program's sample inputs): (args, kwargs)
     recorded_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 @contextlib.contextmanager

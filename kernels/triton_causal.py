@@ -20,10 +20,11 @@ import triton
 import triton.language as tl
 
 from .triton_kernels import _feature_pre, _load_rows, _phi
-from .triton_tuning import causal_configs
+from .triton_tuning import PRUNE, causal_configs
 
 
-@triton.autotune(configs=causal_configs(), key=["dh", "dv", "m", "CHUNK"])
+@triton.autotune(configs=causal_configs(), key=["dh", "dv", "m", "CHUNK"],
+                 prune_configs_by=PRUNE)
 @triton.jit
 def flurka_causal_fwd_kernel(
     q_ptr, k_ptr, v_ptr, km_ptr, ck_ptr, ci_ptr, ep_ptr, s_ptr, z_ptr, w_ptr, out_ptr, c_ptr,

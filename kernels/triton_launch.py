@@ -60,7 +60,9 @@ def launch_state(x: Tensor, y: Tensor, a: Tensor, b: Tensor, c: Tensor, w: Tenso
     nc = triton.cdiv(L, chunk)
     S = torch.empty(BH, nc, m, dv, device=x.device, dtype=torch.float32)
     z = torch.empty(BH, nc, m, device=x.device, dtype=torch.float32)
-    grid = lambda meta: (BH * nc, triton.cdiv(m, meta["BLOCK_F"]), triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
+    def grid(meta):
+        return (BH * nc, triton.cdiv(m, meta["BLOCK_F"]), triton.cdiv(dv, meta["BLOCK_DV"]))
+
     flurka_state_kernel[grid](
         x, y, a, b, c, w, S, z, L, chunk, nc, sqrt_s, mfac, dh, dv, m,
         FMAP=fmap, PREC=_prec(x.dtype), DT=_dot_dtype(x.dtype), BLOCK_D=_block_d(dh))
@@ -73,10 +75,13 @@ def launch_rows_fwd(x: Tensor, S: Tensor, z: Tensor, w: Tensor, a: Tensor, c: Te
     """Run flurka_rows_fwd_kernel (see its docstring for the modes) on x (BH, R, dh)."""
     BH, R, dh = x.shape
     dv = S.shape[-1]
-    grid = lambda meta: (BH, triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
+    def grid(meta):
+        return (BH, triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(dv, meta["BLOCK_DV"]))
+
     flurka_rows_fwd_kernel[grid](
         x, S, z, w, a, c, out, den, R, sqrt_s, mfac, eps, dh, dv, m,
-        FMAP=fmap, MODE=mode, PREC=_prec(x.dtype), DT=_dot_dtype(x.dtype), BLOCK_D=_block_d(dh))
+        FMAP=fmap, MODE=mode, PREC=_prec(x.dtype), DT=_dot_dtype(x.dtype),
+        BLOCK_D=_block_d(dh))
 
 
 def launch_rows_bwd(x: Tensor, g: Tensor, a: Tensor, beta: Tensor, c: Tensor, T: Tensor,
@@ -89,7 +94,8 @@ def launch_rows_bwd(x: Tensor, g: Tensor, a: Tensor, beta: Tensor, c: Tensor, T:
     grid = lambda meta: (BH, triton.cdiv(R, meta["BLOCK_R"]))  # noqa: E731
     flurka_rows_bwd_kernel[grid](
         x, g, a, beta, c, T, tz, w, dx, R, sqrt_s, mfac, dh, dv, m,
-        FMAP=fmap, PREC=_prec(x.dtype), DT=_dot_dtype(x.dtype), QUERY=query, BLOCK_D=_block_d(dh))
+        FMAP=fmap, PREC=_prec(x.dtype), DT=_dot_dtype(x.dtype), QUERY=query,
+        BLOCK_D=_block_d(dh))
     return dx
 
 
@@ -164,7 +170,8 @@ def core_forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor | None, mask: Tensor
     grid = lambda meta: (BH, G * nc, triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
     flurka_causal_fwd_kernel[grid](
         q3, k3, v3, maskf, ck, ci, ep, S, z, wt, out, cq, den, N, nc, sqrt_s, mfac, eps,
-        dh, dv, m, FMAP=fmap, PREC=_prec(q.dtype), DT=_dot_dtype(q.dtype), CHUNK=C, BLOCK_D=_block_d(dh))
+        dh, dv, m, FMAP=fmap, PREC=_prec(q.dtype), DT=_dot_dtype(q.dtype), CHUNK=C,
+        BLOCK_D=_block_d(dh))
     return out.view(B, H, N, dv), cq, den, ck, S, z
 
 

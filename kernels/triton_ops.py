@@ -136,8 +136,9 @@ def triton_attention_core(
         if fmap == PERFORMER:
             w, scale = feature_map.W.detach().to(q.device), float(feature_map.scale)
             if w.shape[1] != q.shape[-1]:
-                raise ValueError(f"performer W has shape {tuple(w.shape)} but the head dim is "
-                                 f"{q.shape[-1]}; build the feature map with head_dim={q.shape[-1]}")
+                raise ValueError(
+                    f"performer W has shape {tuple(w.shape)} but the head dim is {q.shape[-1]}; "
+                    f"build the feature map with head_dim={q.shape[-1]}")
     else:
         raise NotImplementedError(
             f"no Triton kernel for feature map {name!r} (have performer, relu, rnn, ffk); "
