@@ -98,6 +98,7 @@ def machine_info(num_threads: int) -> dict[str, object]:
         "threads": num_threads,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 

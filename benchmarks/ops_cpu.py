@@ -15,6 +15,7 @@ Repetitions are interleaved across variants; the median is reported with its rat
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.lengths:
         lengths = [int(s) for s in args.lengths.split(",")]
     threads = set_threads(args.threads)
+    info = machine_info(threads)  # load average at the start: other processes skew timings
     results: list[dict] = []
     rows: list[list[object]] = []
     with torch.inference_mode():
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "ops_cpu", "command": " ".join(["benchmarks/ops_cpu.py", *(argv or sys.argv[1:])]),
         "config": {"dm": DM, "heads": HEADS, "head_dim": DH, "dk": DK, "batch": 1,
                    "dtype": "float32", "lengths": lengths},
-        "machine": machine_info(threads), "results": results, "table_markdown": table,
+        "machine": info, "loadavg_at_end": list(os.getloadavg()), "results": results,
+        "table_markdown": table,
     }
     path = write_json(args.json, payload)
     print(f"wrote {path}", file=sys.stderr)

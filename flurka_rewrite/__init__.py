@@ -8,8 +8,11 @@ from .attention import FlurkaAttention
 from .config import RewriteConfig
 from .convert import convert, plan
 from .report import RewriteReport, SiteReport
+from .onnx_export import export_onnx
+from .saving import load, save
 
 __version__ = "0.1.0"
 
 __all__ = ["FlurkaAttention", "RewriteConfig", "RewriteReport", "SiteReport", "convert", "plan",
            "__version__"]
+__all__ += ["export_onnx", "load", "save"]

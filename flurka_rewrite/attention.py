@@ -110,6 +110,7 @@ class FlurkaAttention(nn.Module):
         else:
             self.E = self.F = None
             self._dense, self._bands = True, None
+        self._keep_cache: dict[tuple[int, torch.device], Tensor | None] = {}
         self.feature_map = (
             None if kernel == "softmax" else build_feature_map(
                 kernel, head_dim=head_dim, kv_heads=kv_heads, num_features=num_features,
@@ -176,10 +177,22 @@ class FlurkaAttention(nn.Module):
         out = F.linear(ex, weight)
         if bias is not None:
             M = x.shape[-2]
+            # E 1 (the row sums of E over the real positions), one (dk, M) product.
             ones = x.new_ones(x.shape[0], M, 1)
-            e1 = lowrank_project(ones, P, key_padding_mask, bands=self._bands)  # (B, dk, 1)
+            e1 = lowrank_project(ones, P, key_padding_mask)  # (B, dk, 1)
             out = out + e1 * bias
         return out
+
+    def _lowrank_keep(self, M: int, keep: Tensor | None, batch: int) -> Tensor | None:
+        """``lowrank_keep`` on the fixed support; without padding it depends on M only, so it
+        is cached per (M, device) (a (dk, M) pass per call otherwise)."""
+        if keep is not None or is_exporting():
+            return lowrank_keep(self.E_support, self.E_support, M, keep, batch)
+        key = (M, self.E_support.device)
+        if key not in self._keep_cache:
+            self._keep_cache[key] = lowrank_keep(self.E_support, self.E_support, M, None, 1)
+        rows = self._keep_cache[key]
+        return None if rows is None else rows.expand(batch, -1)
 
     # -- forward -------------------------------------------------------------------------
     def forward(
@@ -215,7 +228,7 @@ class FlurkaAttention(nn.Module):
                 k = lowrank_project(k, self._proj("k"), keep, bands=self._bands)
                 v = lowrank_project(v, self._proj("v"), keep, bands=self._bands)
             # Empty rows (support only on padding or past M) become masked keys.
-            keep = lowrank_keep(self.E_support, self.E_support, M, keep, q.shape[0])
+            keep = self._lowrank_keep(M, keep, q.shape[0])
         return attention_core_dispatch(
             q, k, v, feature_map=self.feature_map, key_padding_mask=keep, causal=self.causal,
             scale=self.scale, eps=self.eps, chunk_size=self.chunk_size, backend=self.backend)

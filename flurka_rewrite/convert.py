@@ -16,11 +16,12 @@ import torch
 import torch.nn as nn
 
 from flurka_rewrite.config import RewriteConfig
-from flurka_rewrite.passes import capture as cap_mod
+from flurka_rewrite.passes.install import install
 from flurka_rewrite.passes.plan_sites import Unit, analyse, decide
 from flurka_rewrite.passes.rewrite import build_attention, rel_error, rewrite_site
 from flurka_rewrite.passes.mha import FlurkaMultiheadAttention
-from flurka_rewrite.report import RewriteReport, SiteReport
+from flurka_rewrite.passes.graph_nx import site_region, to_digraph
+from flurka_rewrite.report import RewriteReport, SiteReport, digraph_from_fx
 
 _OPTION_NAMES = ("kernel", "dk", "num_features", "backend", "seed", "filter_fn", "inplace",
                  "e_init", "max_seq_len", "hoist")
@@ -79,6 +80,9 @@ def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
         target.train(was_training)
     report = RewriteReport(sites=[_row(s) for s in sorted(sites, key=lambda s: s.index)],
                            model=type(model).__name__, config=_config_dict(cfg))
+    for s in sites:
+        if getattr(s, "graphs", None) and all(x is not None for x in s.graphs):
+            report.graphs[s.path] = s.graphs
     if build:
         target.flurka_report = report
     return target, report
@@ -102,9 +106,41 @@ def _apply(u: Unit, cfg: RewriteConfig) -> None:
         attn = _attn_for(s, cfg)
         s.rel_error = rel_error(s, u.values, attn)
         name = f"flurka_{s.index}"
+        before = _picture_before(u, s)
+        old_nodes = set(u.gm.graph.nodes)
         s.hoisted = rewrite_site(u.gm, s, name, attn, cfg.hoist)
+        s.graphs = (before, _picture_after(u, s, old_nodes))
     u.gm.recompile()
-    cap_mod.install(u.module, u.gm)
+    install(u.module, u.gm)
+
+
+def _inputs(s) -> list:
+    return [n for n in (s.q, s.k, s.v, s.mask) if isinstance(n, torch.fx.Node)]
+
+
+def _picture_before(u: Unit, s) -> Any:
+    """networkx picture of the site's region before rewriting (report.graphs)."""
+    try:
+        g = to_digraph(u.gm.graph)
+        names = site_region(g, _inputs(s), s.output) | {n.name for n in _inputs(s)}
+        kinds = {n.name: "input" for n in _inputs(s)}
+        kinds[s.output.name] = "output"
+        nodes = [n for n in u.gm.graph.nodes if n.name in names]
+        return digraph_from_fx(nodes, kinds={n.name: kinds.get(n.name, "site") for n in nodes})
+    except Exception:  # noqa: BLE001 - pictures are informative only
+        return None
+
+
+def _picture_after(u: Unit, s, old_nodes: set) -> Any:
+    """The nodes the rewrite added, with the site inputs they read."""
+    try:
+        new = [n for n in u.gm.graph.nodes if n not in old_nodes]
+        ins = [n for n in _inputs(s) if n in set(u.gm.graph.nodes)]
+        kinds = {n.name: "flurka" for n in new}
+        kinds.update({n.name: "input" for n in ins})
+        return digraph_from_fx(ins + new, kinds=kinds)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _attn_for(s, cfg: RewriteConfig):

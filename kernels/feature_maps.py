@@ -240,6 +240,9 @@ class FeedForwardKernel(FeatureMap):
     def forward(self, x: Tensor, *, is_query: bool, key_mask: Tensor | None = None) -> Tensor:
         B, Hx, N, dh = x.shape
         hkv = self.W_o.shape[0]
+        if Hx % hkv:
+            raise ValueError(f"ffk map built for {hkv} kv-heads got {Hx} heads; the head count "
+                             f"must be a multiple of {hkv} (build it with kv_heads=Hkv)")
         xf = x.float().reshape(B, hkv, Hx // hkv * N, dh) if Hx != hkv else x.float()
         w_o, b_o, w_g, b_g = (p.float() for p in (self.W_o, self.b_o, self.W_g, self.b_g))
         out = F.softplus((xf @ w_o + b_o) * torch.sigmoid(xf @ w_g + b_g))

@@ -7,7 +7,9 @@ Layout everywhere: q (B, H, N, dh), k (B, Hkv, M, dh), v (B, Hkv, M, dv), H a mu
   * ``key_padding_mask``: bool (B, M), True where the key is a real token. Padded keys
     contribute nothing (their feature rows are zeroed, or masked out of the softmax).
 Kernel paths accumulate phi(k) sums and the state phi(k)^T v in fp32 whatever the input dtype,
-and return the dtype of q.
+and return the dtype of q. ``attention_core`` reads the (non-causal) state out a block of query
+rows at a time; ``causal_kernel_attention`` uses chunked prefix sums. Conventions and measured
+speed: docs/operator.md.
 """
 from __future__ import annotations
 
@@ -249,7 +251,9 @@ def lowrank_project(
     return torch.cat(parts, -2).to(dtype)
 
 
-def lowrank_bands(support: Tensor, rows_per_band: int = 16) -> list[tuple[int, int, int, int]] | None:
+def lowrank_bands(
+    support: Tensor, rows_per_band: int = 32
+) -> list[tuple[int, int, int, int]] | None:
     """Bands (r0, r1, c0, c1) covering the rows of ``support`` (dk, M_max), rows_per_band rows
     each, with the column range outside which those rows are zero. None when banding would not
     save at least half the work (e.g. a dense gaussian E)."""

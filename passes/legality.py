@@ -71,7 +71,7 @@ def strip_repeat(node: Node, gm: GraphModule, values: dict[str, Any], heads: int
     cur = node
     for _ in range(6):
         c = canon(cur, gm)
-        if c is None or c.op not in ("shape",):
+        if c is None or c.op not in ("shape", "getitem"):  # expand/reshape/[:, :, None]
             return None
         nxt = c.get("x")
         if not isinstance(nxt, Node):

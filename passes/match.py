@@ -77,8 +77,10 @@ class _Walk:
                 self.scale *= float(c.get("alpha", 1.0))
             self.parts.append(c.op)
             return c
-        if c.op in ("cast", "shape") and c.op == "cast":
+        if c.op == "cast":
             self.parts.append("cast")
+            return self.scores(c.get("x"), depth + 1)
+        if c.op == "shape" and self._same_view(x, c.get("x")):
             return self.scores(c.get("x"), depth + 1)
         if c.op in ("mul", "div"):
             for s_idx, o_idx in (("a", "b"), ("b", "a")) if c.op == "mul" else (("a", "b"),):
@@ -132,6 +134,12 @@ class _Walk:
                 self._set_mask(c.get("cond"), inv)
             return got
         return None
+
+    def _same_view(self, out: Node, inp: Any) -> bool:
+        """A shape op that keeps every score (same numel, same last two dims)."""
+        a, b = self.values.get(out.name), _val(self.values, inp)
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
+            a.numel() == b.numel() and a.shape[-2:] == b.shape[-2:]
 
     def _set_mask(self, node: Any, invert: bool) -> None:
         if node is None:

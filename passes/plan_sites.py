@@ -95,6 +95,11 @@ def _capture(model: nn.Module, path: str, disc: Discovery, exact: bool, leaves: 
     for s in sites:
         fill(s, cap.gm, values)
         check(s, cap.gm, values, g, params, exact)
+    if "static" in cap.how:
+        for s in sites:
+            s.notes_for_report.append(
+                "captured with static shapes (torch.export could not keep the sizes dynamic): "
+                "the rewritten module accepts only the example input sizes")
     climb = [s for s in sites if getattr(s, "_escape_output_only", False)]
     if climb and depth < MAX_CLIMB and path and path.rpartition(".")[0] in disc.inputs:
         return _capture(model, path.rpartition(".")[0], disc, exact, leaves, cache, depth + 1)
@@ -224,6 +229,8 @@ def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig) -> None:
                 hoistable=cfg.hoist and s.k_chain is not None,
                 padding_mask="padding" in s.mask_kind)
             s.kernel, s.dk, s.num_features, s.flops_after = ch.kernel, ch.dk, ch.num_features, ch.flops
+            s.hoisted = bool(cfg.hoist and s.dk is not None and (
+                s.pattern == "mha" or (s.k_chain is not None and s.layout == "bhnd")))
             if cfg.kernel == "auto" or dk == "auto":
                 s.notes_for_report.append(ch.reason)
             if M != s.kv_seq_len:

@@ -1,0 +1,465 @@
+"""``save`` / ``load``: a converted model as safetensors weights plus a JSON recipe.
+
+    fr.save(new_model, "out_dir")          # out_dir/model.safetensors, recipe.json, ...
+    model = fr.load("out_dir")             # Hugging Face models: rebuilt from the saved config
+    model = fr.load("out_dir", base_model=MyNet())   # other models: you build the base
+
+A directory holds:
+
+* ``model.safetensors``: the converted model's ``state_dict`` (tensors that share memory, such
+  as tied embeddings, are stored once; the recipe lists the other names as aliases);
+* ``example_inputs.safetensors``: the tensors of the example inputs used for the conversion
+  (the captured graphs depend on them, e.g. on whether a mask was passed);
+* ``recipe.json``: how to rebuild the base model, the conversion options, the report (per-site
+  decisions), each ``FlurkaAttention``'s settings, the example inputs' structure, shapes and
+  dtypes, the weights' checksum and the library version.
+
+``load`` rebuilds the base model, loads the saved weights of its own layers, converts it again
+with the recipe (no download, no pickle), checks that every site gets the decision the saved
+model had, and loads all weights with ``strict=True``: the outputs are those of the saved
+model, bit for bit. ``save`` writes into a temporary directory that is renamed into place
+only when complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from flurka_rewrite.attention import FlurkaAttention
+
+RECIPE_FILE = "recipe.json"
+WEIGHTS_FILE = "model.safetensors"
+INPUTS_FILE = "example_inputs.safetensors"
+FORMAT = "flurka-rewrite-save"
+FORMAT_VERSION = 1
+FILTERED = "excluded by filter_fn"
+# Report fields that make up a site's decision (rel_error, FLOPs and notes may differ).
+DECISION_FIELDS = ("path", "pattern", "status", "kernel", "dk", "num_features", "hoisted",
+                   "causal", "heads", "kv_heads", "head_dim", "seq_len", "kv_seq_len", "mask")
+# FlurkaAttention settings: fixed by the conversion (checked on load) / plain attributes a
+# user may have changed after converting (restored on load).
+FIXED = ("kernel", "heads", "kv_heads", "head_dim", "dk", "max_seq_len", "num_features",
+         "causal", "scale", "e_init")
+SETTABLE = ("backend", "eps", "chunk_size", "dropout", "seed")
+FEATURE_SETTABLE = ("seed", "redraw_interval")
+_PRIMITIVES = (type(None), bool, int, float, str)
+
+
+class RecipeError(ValueError):
+    """A save directory that cannot be loaded: corrupt, incomplete, or a rebuilt model that
+    does not match the saved one."""
+
+
+# -- save --------------------------------------------------------------------------------
+def _describe_inputs(example: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """JSON structure of the example inputs and their tensors (keys "0", "1", ... or names)."""
+    if isinstance(example, Tensor):
+        example = (example,)
+    if isinstance(example, dict):
+        kind, items = "kwargs", list(example.items())
+    elif isinstance(example, (tuple, list)):
+        kind, items = "args", [(str(i), v) for i, v in enumerate(example)]
+    else:
+        raise TypeError(f"example_inputs must be a tensor, a tuple or a dict; got "
+                        f"{type(example).__name__}")
+    spec, tensors = [], {}
+    for key, value in items:
+        if isinstance(value, Tensor):
+            tensors[key] = value.detach().cpu().contiguous()
+            spec.append({"key": key, "shape": list(value.shape),
+                         "dtype": str(value.dtype).removeprefix("torch.")})
+        elif isinstance(value, _PRIMITIVES):
+            spec.append({"key": key, "value": value})
+        else:
+            raise TypeError(f"example input {key!r} is a {type(value).__name__}; save() can "
+                            "record tensors and None/bool/int/float/str values only")
+    return {"kind": kind, "items": spec}, tensors
+
+
+def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors to write (one per memory view) and aliases {name: stored name}: safetensors
+    refuses shared memory (tied weights); partly overlapping views are copied."""
+    seen: dict[tuple, str] = {}
+    out, aliases, ptrs = {}, {}, {}
+    for name, t in state.items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+               t.dtype, str(t.device))
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in ptrs:  # another view of the same memory: store a copy
+            t = t.clone()
+        ptrs.setdefault(ptr, name)
+        out[name] = t.cpu().contiguous()
+    return out, aliases
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _base_class(model: nn.Module) -> type:
+    return getattr(type(model), "_flurka_base", type(model))
+
+
+def _base_recipe(model: nn.Module) -> dict[str, Any]:
+    cls = _base_class(model)
+    entry: dict[str, Any] = {"class": cls.__qualname__, "module": cls.__module__}
+    config = getattr(model, "config", None)
+    if cls.__module__.startswith("transformers.") and hasattr(config, "to_dict"):
+        import transformers
+
+        entry.update(kind="huggingface", config_class=type(config).__name__,
+                     model_type=getattr(config, "model_type", None), config=config.to_dict(),
+                     attn_implementation=getattr(config, "_attn_implementation", None),
+                     transformers_version=transformers.__version__)
+    else:
+        entry["kind"] = "module"
+    return entry
+
+
+def _module_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, FlurkaAttention):
+            s = {k: getattr(m, k) for k in FIXED + SETTABLE}
+            fm = m.feature_map
+            s["feature_map"] = None if fm is None else {
+                k: getattr(fm, k) for k in FEATURE_SETTABLE if hasattr(fm, k)}
+            out[path] = s
+    return out
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return repr(obj)  # e.g. a callable in a config: informative only
+
+
+@contextlib.contextmanager
+def _atomic_dir(directory: str, overwrite: bool) -> Iterator[str]:
+    """Yield a temporary directory beside ``directory``; on success it replaces
+    ``directory``, on failure it is removed and ``directory`` is left as it was."""
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory):
+        if not os.path.isdir(directory):
+            raise FileExistsError(f"{directory!r} exists and is not a directory; choose another "
+                                  "path for save()")
+        if os.listdir(directory) and not overwrite:
+            raise FileExistsError(f"{directory!r} exists and is not empty; pass "
+                                  "overwrite=True to replace it, or choose a new directory")
+        if os.listdir(directory) and not os.path.exists(os.path.join(directory, RECIPE_FILE)):
+            raise FileExistsError(f"{directory!r} is not a directory written by "
+                                  "flurka_rewrite.save (no recipe.json); refusing to replace "
+                                  "it even with overwrite=True")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".flurka-save-", dir=parent)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual permissions
+        if os.path.exists(directory) and os.listdir(directory):
+            old = tempfile.mkdtemp(prefix=".flurka-old-", dir=parent)
+            os.replace(directory, old)  # a directory may replace an empty one
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, example_inputs: Any = None,
+         overwrite: bool = False) -> str:
+    """Save a model returned by ``flurka_rewrite.convert`` (trained or not) to ``directory``.
+
+    example_inputs: the inputs given to ``convert`` (needed unless the model records them as
+    ``model.flurka_example_inputs``). overwrite: replace an earlier save directory.
+    Returns the directory's absolute path."""
+    from safetensors.torch import save_file
+
+    from flurka_rewrite import __version__
+
+    report = getattr(model, "flurka_report", None)
+    if report is None:
+        raise ValueError(f"{type(model).__name__} has no .flurka_report: save() takes a model "
+                         "returned by flurka_rewrite.convert (save any other model with "
+                         "torch.save(model.state_dict(), ...) or save_pretrained)")
+    if example_inputs is None:
+        example_inputs = getattr(model, "flurka_example_inputs", None)
+    if example_inputs is None:
+        raise ValueError("save() needs the example inputs the model was converted with (load() "
+                         "converts the base model again on them): pass save(model, directory, "
+                         "example_inputs=...) with the example_inputs given to convert")
+    inputs_spec, input_tensors = _describe_inputs(example_inputs)
+    weights, aliases = _dedupe(model.state_dict())
+    report_dict = report.to_dict()
+    options = {k: v for k, v in report_dict["config"].items() if k not in ("filter_fn", "inplace")}
+    with _atomic_dir(os.fspath(directory), overwrite) as tmp:
+        save_file(weights, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(input_tensors, os.path.join(tmp, INPUTS_FILE), metadata={"format": "pt"})
+        recipe = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "library_version": __version__, "torch_version": torch.__version__,
+            "base_model": _base_recipe(model),
+            "options": options,
+            "filtered_sites": [s["path"] for s in report_dict["sites"] if s["reason"] == FILTERED],
+            "report": report_dict,
+            "modules": _module_settings(model),
+            "example_inputs": inputs_spec,
+            "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(os.path.join(tmp, WEIGHTS_FILE)),
+                        "aliases": aliases},
+        }
+        with open(os.path.join(tmp, RECIPE_FILE), "w") as f:
+            json.dump(recipe, f, indent=2, default=_json_default)
+            f.write("\n")
+    return os.path.abspath(os.fspath(directory))
+
+
+# -- load --------------------------------------------------------------------------------
+_REQUIRED = ("format", "format_version", "library_version", "base_model", "options", "report",
+             "modules", "example_inputs", "weights")
+
+
+def read_recipe(directory: str | os.PathLike) -> dict[str, Any]:
+    """The recipe of a save directory, validated (``RecipeError`` when corrupt)."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory!r} is not a directory; load() takes a directory "
+                                "written by flurka_rewrite.save")
+    path = os.path.join(directory, RECIPE_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory!r} has no {RECIPE_FILE}: it is not a directory "
+                                "written by flurka_rewrite.save (or the save was incomplete)")
+    try:
+        with open(path) as f:
+            recipe = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path!r} is not valid JSON (corrupt or truncated): {e}") from e
+    if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
+        raise RecipeError(f"{path!r} is not a flurka-rewrite recipe (format is not {FORMAT!r})")
+    missing = [k for k in _REQUIRED if k not in recipe]
+    if missing:
+        raise RecipeError(f"{path!r} lacks {', '.join(missing)}: corrupt or hand-edited; save "
+                          "the model again")
+    if not isinstance(recipe["format_version"], int) or recipe["format_version"] > FORMAT_VERSION:
+        raise RecipeError(f"{path!r} has format version {recipe['format_version']!r}, newer than "
+                          f"this flurka-rewrite reads ({FORMAT_VERSION}); upgrade flurka-rewrite")
+    return recipe
+
+
+def _load_weights(directory: str, recipe: dict[str, Any]) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, WEIGHTS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} is missing: the save directory is incomplete")
+    want = recipe["weights"].get("sha256")
+    if want and _sha256(path) != want:
+        raise RecipeError(f"{path!r} does not match the checksum in {RECIPE_FILE}: the weights "
+                          "file is corrupt or was replaced; save the model again")
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+        raise RecipeError(f"could not read {path!r} (truncated or corrupt?): {e}") from e
+    for alias, name in recipe["weights"].get("aliases", {}).items():
+        if name not in tensors:
+            raise RecipeError(f"{RECIPE_FILE} says {alias!r} is stored as {name!r}, which "
+                              f"{WEIGHTS_FILE} does not hold")
+        tensors[alias] = tensors[name]
+    return tensors
+
+
+def _rebuild_inputs(directory: str, recipe: dict[str, Any]) -> Any:
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, INPUTS_FILE)
+    spec = recipe["example_inputs"]
+    try:
+        tensors = load_file(path) if any("shape" in i for i in spec["items"]) else {}
+        values = []
+        for item in spec["items"]:
+            if "shape" not in item:
+                values.append((item["key"], item["value"]))
+                continue
+            t = tensors[item["key"]]
+            if list(t.shape) != item["shape"] or str(t.dtype) != "torch." + item["dtype"]:
+                raise RecipeError(f"example input {item['key']!r} is {tuple(t.shape)} {t.dtype} "
+                                  f"in {INPUTS_FILE} but {item['shape']} {item['dtype']} in "
+                                  f"{RECIPE_FILE}")
+            values.append((item["key"], t))
+    except RecipeError:
+        raise
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path!r} is missing: the save directory is incomplete") from e
+    except Exception as e:  # noqa: BLE001 - corrupt file, missing key
+        raise RecipeError(f"could not rebuild the example inputs from {path!r}: "
+                          f"{type(e).__name__}: {e}") from e
+    if spec["kind"] == "kwargs":
+        return dict(values)
+    return tuple(v for _, v in values)
+
+
+def _rebuild_base(recipe: dict[str, Any]) -> nn.Module:
+    base = recipe["base_model"]
+    if base.get("kind") != "huggingface":
+        raise ValueError(
+            f"this model was converted from a {base.get('module')}.{base.get('class')}, which "
+            "flurka-rewrite cannot rebuild by itself (only Hugging Face models are rebuilt from "
+            f"their config): pass load(directory, base_model={base.get('class')}(...)), a "
+            "freshly built, unconverted instance of that model")
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("rebuilding this Hugging Face model needs transformers: "
+                          "pip install 'flurka-rewrite[hf]'") from e
+    model_cls = getattr(transformers, base["class"], None)
+    config_cls = getattr(transformers, base["config_class"], None)
+    if model_cls is None or config_cls is None:
+        raise RecipeError(
+            f"transformers {transformers.__version__} has no {base['class']} / "
+            f"{base['config_class']} (saved with transformers {base.get('transformers_version')}); "
+            f"install that version, or pass base_model=")
+    config = config_cls.from_dict(dict(base["config"]))
+    kwargs = {"attn_implementation": base["attn_implementation"]} \
+        if base.get("attn_implementation") else {}
+    build = getattr(model_cls, "_from_config", None)
+    model = build(config, **kwargs) if build else model_cls(config)
+    return model.eval()
+
+
+def _check_base_class(base_model: nn.Module, recipe: dict[str, Any]) -> None:
+    want = recipe["base_model"].get("class")
+    got = _base_class(base_model).__qualname__
+    if want and got != want:
+        raise ValueError(f"base_model is a {got}, but the saved model was converted from a "
+                         f"{want}; pass a freshly built {want}")
+    if getattr(base_model, "flurka_report", None) is not None:
+        raise ValueError("base_model is already converted (it has .flurka_report); pass a "
+                         "freshly built, unconverted model")
+
+
+def _preload(base: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Load the saved weights of the base model's own layers (same names, same shapes), so
+    the conversion sees the trained model (the strict load later covers every tensor)."""
+    own = base.state_dict()
+    fit = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    base.load_state_dict(fit, strict=False)
+
+
+def _reconvert(base: nn.Module, recipe: dict[str, Any], example: Any) -> nn.Module:
+    from flurka_rewrite.convert import convert
+
+    filtered = set(recipe.get("filtered_sites", []))
+    filter_fn = (lambda path, site: site.path not in filtered) if filtered else None
+    return convert(base, example_inputs=example, filter_fn=filter_fn, inplace=True,
+                   **recipe["options"])
+
+
+def _check_decisions(model: nn.Module, recipe: dict[str, Any]) -> None:
+    saved = recipe["report"]["sites"]
+    now = model.flurka_report.to_dict()["sites"]
+    diffs = []
+    if [s["path"] for s in saved] != [s["path"] for s in now]:
+        diffs.append(f"sites saved: {[s['path'] for s in saved]}; sites now: "
+                     f"{[s['path'] for s in now]}")
+    else:
+        for a, b in zip(saved, now):
+            bad = [f"{k} saved {a.get(k)!r}, now {b.get(k)!r}" for k in DECISION_FIELDS
+                   if a.get(k) != b.get(k)]
+            if bad:
+                diffs.append(f"{a['path']}: " + ", ".join(bad))
+    modules = {p: m for p, m in model.named_modules() if isinstance(m, FlurkaAttention)}
+    if set(modules) != set(recipe["modules"]):
+        diffs.append(f"FlurkaAttention modules saved: {sorted(recipe['modules'])}; now: "
+                     f"{sorted(modules)}")
+    else:
+        for path, m in modules.items():
+            bad = [f"{k} saved {recipe['modules'][path].get(k)!r}, now {getattr(m, k)!r}"
+                   for k in FIXED if recipe["modules"][path].get(k) != getattr(m, k)]
+            if bad:
+                diffs.append(f"{path}: " + ", ".join(bad))
+    if diffs:
+        shown = "; ".join(diffs[:3]) + (f"; ... ({len(diffs) - 3} more)" if len(diffs) > 3 else "")
+        raise RecipeError(
+            "the model rebuilt from the recipe does not get the decisions the saved model had "
+            f"({shown}). The base model or the library differs from the one that saved it "
+            f"(saved with flurka-rewrite {recipe['library_version']}); pass the right "
+            "base_model, or use the flurka-rewrite version that saved it")
+
+
+def _restore_settings(model: nn.Module, recipe: dict[str, Any]) -> None:
+    for path, saved in recipe["modules"].items():
+        m = model.get_submodule(path)
+        for k in SETTABLE:
+            if k in saved:
+                setattr(m, k, saved[k])
+        for k, v in (saved.get("feature_map") or {}).items():
+            setattr(m.feature_map, k, v)
+
+
+def _match_dtypes(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Give each parameter / buffer the dtype it was saved in (a model cast to bf16 after
+    conversion loads as bf16), keeping tied parameters tied."""
+    named = {**dict(model.named_parameters(remove_duplicate=False)),
+             **dict(model.named_buffers(remove_duplicate=False))}
+    for name, t in named.items():
+        w = weights.get(name)
+        if w is not None and w.dtype != t.dtype:
+            t.data = t.data.to(w.dtype)
+
+
+def load(directory: str | os.PathLike, *, base_model: nn.Module | None = None,
+         device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild the model that ``save`` wrote to ``directory``: same weights, same outputs.
+
+    base_model: a freshly built, unconverted instance of the original model (its weights do
+    not matter; it is not modified). Needed when the model is not a Hugging Face model:
+    there is no general way to rebuild an arbitrary architecture. Hugging Face models are
+    rebuilt from the saved config (no download) when it is None. device: where to put the
+    model (default: CPU). Returns the converted model in eval mode, with ``.flurka_report``."""
+    directory = os.fspath(directory)
+    recipe = read_recipe(directory)
+    weights = _load_weights(directory, recipe)
+    example = _rebuild_inputs(directory, recipe)
+    with torch.random.fork_rng(devices=[]):  # building and converting leave the RNG alone
+        if base_model is None:
+            base = _rebuild_base(recipe)
+        else:
+            _check_base_class(base_model, recipe)
+            base = copy.deepcopy(base_model)
+        _preload(base, weights)
+        model = _reconvert(base, recipe, example)
+    _check_decisions(model, recipe)
+    _restore_settings(model, recipe)
+    _match_dtypes(model, weights)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise RecipeError(f"the saved weights do not fit the rebuilt model: {e}") from e
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
