@@ -219,17 +219,18 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
 
 
 def _load_directory(path: str, quiet: bool) -> LoadedModel:
-    if not os.path.exists(os.path.join(path, "config.json")):
+    if os.path.exists(os.path.join(path, "config.json")):
+        return _load_hf(path, quiet)
+    if os.path.exists(os.path.join(path, "recipe.json")):  # written by flurka_rewrite.save
         import flurka_rewrite as fr
 
-        if hasattr(fr, "load"):  # a directory written by flurka_rewrite.save (later issue)
-            try:
-                return LoadedModel(module=fr.load(path), kind="flurka", source=path)
-            except Exception as e:  # noqa: BLE001
-                raise InputFileError(f"could not load {path!r}: {_one_line(e)}") from e
-        raise InputFileError(f"directory {path!r} has no config.json: it is not a Hugging Face "
-                             "model directory")
-    return _load_hf(path, quiet)
+        try:
+            return LoadedModel(module=fr.load(path), kind="flurka", source=path)
+        except Exception as e:  # noqa: BLE001
+            raise InputFileError(f"could not load {path!r}: {_one_line(e)}") from e
+    raise InputFileError(f"directory {path!r} has no config.json and no recipe.json: it is "
+                         "neither a Hugging Face model directory nor one written by "
+                         "flurka_rewrite.save")
 
 
 def _load_hf(path: str, quiet: bool) -> LoadedModel:

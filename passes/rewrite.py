@@ -26,21 +26,7 @@ from .site import KVChain, Site
 def build_attention(site: Site, *, kernel: str, dk: int | None, num_features: int | None,
                     max_seq_len: int | None, seed: int, e_init: str, backend: str
                     ) -> FlurkaAttention:
-    """The FlurkaAttention module for one site (kernel/dk already resolved).
-
-    Built with one intra-op thread: the performer's small fp64 QRs are ~100x slower
-    multi-threaded on a busy CPU (0.65 s vs 3 ms per 267x64 draw measured on the CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _build(site, kernel=kernel, dk=dk, num_features=num_features,
-                      max_seq_len=max_seq_len, seed=seed, e_init=e_init, backend=backend)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _build(site: Site, *, kernel: str, dk: int | None, num_features: int | None,
-           max_seq_len: int | None, seed: int, e_init: str, backend: str) -> FlurkaAttention:
+    """The FlurkaAttention module for one site (kernel/dk already resolved)."""
     return FlurkaAttention(
         kernel=kernel, heads=site.heads, head_dim=site.head_dim, kv_heads=site.kv_heads,
         dk=dk, max_seq_len=max_seq_len if dk is not None else None,
