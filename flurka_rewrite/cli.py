@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ import torch
 
 from flurka_rewrite.config import KERNEL_CHOICES, RewriteConfig
 from flurka_rewrite.io import (
-    CliError, ConversionError, FeatureUnavailableError, LoadedModel, NoAttentionError,
+    CliError, ConversionError, LoadedModel, NoAttentionError,
     OutputExistsError, UsageError, _one_line, example_inputs_for, load_model, seq_len_of,
 )
 from flurka_rewrite.kernels.dispatch import BACKENDS
@@ -38,7 +37,7 @@ EXIT_CODES = {
     6: "no attention found in the model",
     7: "conversion failed (or the converted model could not be exported)",
     8: "output exists (use --force) or is the input (never overwritten)",
-    9: "feature not available in this build (e.g. --onnx, directory outputs)",
+    9: "a needed optional package is missing (e.g. transformers for a Hugging Face directory)",
     130: "interrupted",
 }
 
@@ -207,15 +206,8 @@ def write_model(model: torch.nn.Module, kind: str, path: str, inputs: Any) -> No
     else:
         import flurka_rewrite as fr
 
-        folder = os.path.dirname(os.path.abspath(path.rstrip(os.sep)))
-        tmp = tempfile.mkdtemp(prefix=".flurka-", dir=folder)
-        try:
-            fr.save(model, tmp)
-            if os.path.exists(path):
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # fr.save writes atomically and only ever replaces an earlier save directory.
+        fr.save(model, path, example_inputs=inputs, overwrite=True)
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -252,8 +244,6 @@ def _load(args: argparse.Namespace) -> LoadedModel:
 def _validate(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
     """Check every option and output path before any work; return the convert options and
     the output kind."""
-    import flurka_rewrite as fr
-
     if args.demo == bool(args.input):
         raise UsageError("give exactly one of INPUT or --demo")
     if not args.output and not args.dry_run:
@@ -264,17 +254,10 @@ def _validate(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
         RewriteConfig(**options)
     except ValueError as e:
         raise UsageError(f"invalid option: {e}") from e
-    if args.onnx and not hasattr(fr, "export_onnx"):
-        raise FeatureUnavailableError("--onnx is not available yet in this build "
-                                      "(flurka_rewrite.export_onnx); omit --onnx")
     sources = [] if args.demo else [args.input]
     out_kind = None
     if args.output and not args.dry_run:
         out_kind = check_output(args.output, sources, args.force, (".pt2", ".pt", ".pth", "dir"))
-        if out_kind == "dir" and not hasattr(fr, "save"):
-            raise FeatureUnavailableError(
-                f"directory outputs ({args.output!r}) need flurka_rewrite.save, not in this "
-                "build yet; write OUT.pt2 or OUT.pt")
     if args.report:
         check_output(args.report, sources, args.force, (".json", ".md"))
     if args.onnx and not args.dry_run:
@@ -285,13 +268,8 @@ def _validate(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
 def _compile(loaded: LoadedModel, inputs: Any, options: dict[str, Any], dry_run: bool
              ) -> tuple[Any, torch.nn.Module | None]:
     """plan (dry run) or convert; the compiler's failures mapped onto CLI errors."""
-    try:
-        from flurka_rewrite.convert import convert, plan
-    except ModuleNotFoundError as e:
-        if e.name != "flurka_rewrite.convert":
-            raise
-        raise FeatureUnavailableError("the compiler (flurka_rewrite.convert) is not in this "
-                                      "build") from e
+    from flurka_rewrite.convert import convert, plan
+
     name = type(loaded.module).__name__
     try:
         if dry_run:

@@ -85,6 +85,7 @@ def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
             report.graphs[s.path] = s.graphs
     if build:
         target.flurka_report = report
+        target.flurka_example_inputs = ex
     return target, report
 
 

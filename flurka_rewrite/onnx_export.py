@@ -200,7 +200,9 @@ def _fp32(model: nn.Module, args: tuple, kwargs: dict) -> tuple[nn.Module, tuple
     floats = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     if any(t.dtype != torch.float32 for t in floats):
         model = copy.deepcopy(model).float()
-    cast = lambda x: x.float() if isinstance(x, Tensor) and x.is_floating_point() else x  # noqa: E731
+
+    def cast(x: Any) -> Any:
+        return x.float() if isinstance(x, Tensor) and x.is_floating_point() else x
     return model, pytree.tree_map(cast, args), pytree.tree_map(cast, kwargs)
 
 
@@ -214,7 +216,7 @@ def _graph_dynamic_axes(onnx_model: Any) -> dict[str, list[int]]:
     axes = {}
     for inp in onnx_model.graph.input:
         dims = inp.type.tensor_type.shape.dim
-        sym = [i for i, d in enumerate(dims) if d.HasField("dim_param") or not d.HasField("dim_value")]
+        sym = [i for i, d in enumerate(dims) if not d.HasField("dim_value")]
         if sym:
             axes[inp.name] = sym
     return axes

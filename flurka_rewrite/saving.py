@@ -297,29 +297,22 @@ def _rebuild_inputs(directory: str, recipe: dict[str, Any]) -> Any:
 
     path = os.path.join(directory, INPUTS_FILE)
     spec = recipe["example_inputs"]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} is missing: the save directory is incomplete")
     try:
-        tensors = load_file(path) if any("shape" in i for i in spec["items"]) else {}
-        values = []
-        for item in spec["items"]:
-            if "shape" not in item:
-                values.append((item["key"], item["value"]))
-                continue
-            t = tensors[item["key"]]
-            if list(t.shape) != item["shape"] or str(t.dtype) != "torch." + item["dtype"]:
-                raise RecipeError(f"example input {item['key']!r} is {tuple(t.shape)} {t.dtype} "
-                                  f"in {INPUTS_FILE} but {item['shape']} {item['dtype']} in "
-                                  f"{RECIPE_FILE}")
-            values.append((item["key"], t))
-    except RecipeError:
-        raise
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path!r} is missing: the save directory is incomplete") from e
+        tensors = load_file(path)
+        values = [(i["key"], tensors[i["key"]] if "shape" in i else i["value"])
+                  for i in spec["items"]]
     except Exception as e:  # noqa: BLE001 - corrupt file, missing key
         raise RecipeError(f"could not rebuild the example inputs from {path!r}: "
                           f"{type(e).__name__}: {e}") from e
-    if spec["kind"] == "kwargs":
-        return dict(values)
-    return tuple(v for _, v in values)
+    for item, (_, t) in zip(spec["items"], values):
+        if "shape" in item and (list(t.shape) != item["shape"]
+                                or str(t.dtype) != "torch." + item["dtype"]):
+            raise RecipeError(f"example input {item['key']!r} is {tuple(t.shape)} {t.dtype} in "
+                              f"{INPUTS_FILE} but {item['shape']} {item['dtype']} in "
+                              f"{RECIPE_FILE}")
+    return dict(values) if spec["kind"] == "kwargs" else tuple(v for _, v in values)
 
 
 def _rebuild_base(recipe: dict[str, Any]) -> nn.Module:

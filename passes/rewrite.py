@@ -64,10 +64,40 @@ def _hoisted_kv(g, gm: GraphModule, fa: Node, chain: KVChain, which: str, keep: 
     return y
 
 
+# Ops that FX flags impure only because they draw random numbers (dropout, SDPA's dropout_p),
+# not because they mutate anything: once a site's output is replaced they are dead work (the
+# full-length attention), and dead-code elimination must drop them.
+_RANDOM_ONLY = ("scaled_dot_product", "dropout", "bernoulli")
+
+
 def _keep(node: Node) -> bool:
-    """Nodes dead-code elimination must keep: the capture's runtime guards and impure ops."""
+    """Nodes dead-code elimination must keep: the capture's runtime guards and impure ops
+    other than the random-but-pure attention and dropout ops."""
     from .export_capture import _guard
-    return (node.op == "call_function" and node.target is _guard) or node.is_impure()
+    if node.op == "call_function" and node.target is _guard:
+        return True
+    if node.op in ("call_function", "call_method"):
+        name = getattr(node.target, "__name__", None) or str(node.target)
+        if any(s in name for s in _RANDOM_ONLY) and not name.endswith("_"):
+            return False
+    return node.is_impure()
+
+
+def _drop_orphan_asserts(g) -> bool:
+    """Erase torch.export's ``_assert_tensor_metadata`` checks on tensors that nothing else
+    consumes any more (GPT-2's ``.type(dtype)`` on the attention weights): the check is
+    impure, so it would otherwise keep the dead full attention alive. Returns whether it
+    erased any."""
+    erased = False
+    for n in list(g.nodes):
+        if n.op != "call_function" or "_assert_tensor_metadata" not in str(n.target):
+            continue
+        t = n.args[0] if n.args else None
+        if isinstance(t, Node) and all(
+                "_assert_tensor_metadata" in str(u.target) for u in t.users):
+            g.erase_node(n)
+            erased = True
+    return erased
 
 
 def rewrite_site(gm: GraphModule, site: Site, name: str, attn: FlurkaAttention,
@@ -105,6 +135,8 @@ def rewrite_site(gm: GraphModule, site: Site, name: str, attn: FlurkaAttention,
         res = _fix(g, res, site.out_fix)  # type: ignore[attr-defined]
     out.replace_all_uses_with(res)
     g.eliminate_dead_code(is_impure_node=_keep)
+    while _drop_orphan_asserts(g):  # each pass can orphan the asserts one level up
+        g.eliminate_dead_code(is_impure_node=_keep)
     g.lint()
     return hoisted
 

@@ -115,3 +115,78 @@ def test_dummy_inputs_used_when_no_example_inputs() -> None:
     assert [s.status for s in rep.sites] == ["rewritten"] * 2
     assert rep.sites[0].seq_len == e.model.dummy_inputs["input_ids"].shape[1]
     assert all(s.hoisted for s in rep.sites)  # plan says what convert would do
+
+
+class _AttnOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops that only full softmax attention runs: SDPA (any backend) and a
+    softmax over a 4-D (B, H, N, M) score tensor whose last dim is the key length M."""
+
+    def __init__(self, key_lens: set[int]) -> None:
+        super().__init__()
+        self.key_lens, self.seen = key_lens, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if "scaled_dot_product" in name:
+            self.seen.append(name)
+        elif "softmax" in name and args[0].dim() == 4 and args[0].shape[-1] in self.key_lens:
+            self.seen.append(f"{name}{tuple(args[0].shape)}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["bert", "gpt2_lm", "bart"])
+def test_rewritten_graph_runs_no_full_attention(name: str, impl: str) -> None:
+    """The original attention (and its full-length work) is gone from the rewritten graphs,
+    not computed and thrown away: running the converted model executes no SDPA and no
+    softmax over (N, M) scores. Oracle: the original model does run them."""
+    e = zoo.build(name, impl)
+    lens = {t.shape[-1] for t in e.example_inputs.values() if t.dim() == 2}
+    with torch.no_grad(), _AttnOps(lens) as orig:
+        e.model(**e.example_inputs)
+    assert orig.seen, "the oracle should see full attention in the original model"
+    new = fr.convert(e.model, kernel="performer", dk=DK, example_inputs=e.example_inputs)
+    assert len(new.flurka_report.rewritten) == len(e.rewritable_paths)
+    with torch.no_grad(), _AttnOps(lens) as conv:
+        new(**e.example_inputs)
+    assert conv.seen == [], conv.seen
+
+
+class _WeightUses(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shapes of the other operands of every op that reads one of ``weights``."""
+
+    def __init__(self, weights: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.ptrs, self.uses = {w.data_ptr() for w in weights}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = [a for a in args if isinstance(a, torch.Tensor)]
+        if any(a.data_ptr() in self.ptrs for a in flat) and "detach" not in str(func) \
+                and "view" not in str(func) and not str(func).startswith("aten.t."):
+            self.uses.append((str(func), [tuple(a.shape) for a in flat
+                                          if a.data_ptr() not in self.ptrs]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_hoisted_bert_projects_only_dk_rows() -> None:
+    """Hoisting moves the down-sampling above the K/V projections: the key and value weights
+    are applied to dk rows (B, dk, dm), never to the full sequence (B, N, dm). Oracle: in the
+    original model they are applied to N rows."""
+    e = zoo.build("bert")
+    layer = e.model.encoder.layer[0].attention.self
+    weights = [layer.key.weight, layer.value.weight]
+    b, n = e.example_inputs["input_ids"].shape
+    full, low = {n, b * n}, {DK, b * DK}  # row counts, also flattened (B*N, dm) for addmm
+    with torch.no_grad(), _WeightUses(weights) as orig:
+        e.model(**e.example_inputs)
+    assert any(full & set(shp) for _, shapes in orig.uses for shp in shapes), orig.uses
+    new = fr.convert(e.model, kernel="performer", dk=DK, example_inputs=e.example_inputs,
+                     e_init="gaussian")
+    assert all(s.hoisted for s in new.flurka_report.rewritten)
+    lay = new.encoder.layer[0].attention.self
+    with torch.no_grad(), _WeightUses([lay.key.weight, lay.value.weight]) as conv:
+        new(**e.example_inputs)
+    assert conv.uses, "the key/value weights must still be used"
+    for op, shapes in conv.uses:
+        assert not any(full & set(shp) for shp in shapes), (op, shapes)
+        assert any(low & set(shp) for shp in shapes), (op, shapes)

@@ -160,7 +160,7 @@ def test_filter_fn_and_dtype_round_trip(tmp_path):
 def test_hf_bert_trained_one_step_reloads_from_config(tmp_path):
     tf = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = tf.BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2,
+    cfg = tf.BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=1,
                         num_attention_heads=3, intermediate_size=64, max_position_embeddings=40)
     g = torch.Generator().manual_seed(0)
     ex = {"input_ids": torch.randint(3, 120, (B, 13), generator=g),
@@ -168,7 +168,7 @@ def test_hf_bert_trained_one_step_reloads_from_config(tmp_path):
     ex["attention_mask"][1, 10:] = 0
     model = fr.convert(tf.BertModel._from_config(cfg, attn_implementation="eager").eval(),
                        kernel="performer", dk=8, example_inputs=ex)
-    assert len(model.flurka_report.rewritten) == 2, str(model.flurka_report)
+    assert len(model.flurka_report.rewritten) == 1, str(model.flurka_report)
     E0 = _flurka(model)[0].E.detach().clone()
     _train(model, ex, pick=lambda out: out.last_hidden_state)
     assert not torch.equal(_flurka(model)[0].E, E0), "one training step should change E"
