@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flurka_rewrite.kernels.dispatch import BACKENDS, attention_core_dispatch
-from flurka_rewrite.kernels.feature_maps import FEATURE_MAPS, build_feature_map
+from flurka_rewrite.kernels.feature_maps import build_feature_map
 from flurka_rewrite.kernels.reference import (
     is_exporting,
     lowrank_bands,

@@ -265,9 +265,15 @@ def test_save_refuses_what_it_cannot_record(performer_net, tmp_path):
     model, ex = performer_net
     with pytest.raises(ValueError, match="no .flurka_report"):
         fr.save(TwoLayerNet(), tmp_path / "a", example_inputs=ex)
-    with pytest.raises(ValueError, match="example_inputs="):
-        fr.save(model, tmp_path / "b")
+    recorded = model.__dict__.pop("flurka_example_inputs", None)  # convert records them
+    try:
+        with pytest.raises(ValueError, match="example_inputs="):
+            fr.save(model, tmp_path / "b")
+    finally:
+        if recorded is not None:
+            model.flurka_example_inputs = recorded
     assert not os.listdir(tmp_path)
+    assert recorded is not None, "convert must record its example inputs for save"
 
 
 def test_save_is_atomic_and_never_clobbers(performer_net, saved_dir, tmp_path, monkeypatch):
