@@ -26,14 +26,24 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device_type: str, feature_map: FeatureMap | None) -> str:
-    """Return "torch" or "triton" for tensors on ``device_type``; raise when impossible."""
+# "auto" runs Triton only for head dims where it was measured faster than the reference
+# (H100, docs/benchmarks.md): dh=64 gave 2.2-7.6x at N >= 8k, dh=325 was ~30x slower (its
+# tiles do not fit shared memory). Between 64 and 325 nothing was measured; 128 is the widest
+# head the autotune lists tile without spilling. backend="triton" still forces Triton.
+AUTO_TRITON_MAX_HEAD_DIM = 128
+
+
+def resolve_backend(backend: str, device_type: str, feature_map: FeatureMap | None,
+                    head_dim: int | None = None) -> str:
+    """Return "torch" or "triton" for tensors on ``device_type`` with head dim ``head_dim``;
+    raise when the requested backend is impossible."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "torch" or feature_map is None:  # softmax paths use SDPA: no Triton kernel
         return "torch"
     if backend == "auto":
-        return "triton" if device_type == "cuda" and triton_available() else "torch"
+        fast = head_dim is None or head_dim <= AUTO_TRITON_MAX_HEAD_DIM
+        return "triton" if device_type == "cuda" and fast and triton_available() else "torch"
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package: pip install triton")
     if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -58,7 +68,7 @@ def attention_core_dispatch(
     backend: str = "auto",
 ) -> Tensor:
     """``reference.attention_core`` on the chosen backend (same arguments, same result)."""
-    which = resolve_backend(backend, q.device.type, feature_map)
+    which = resolve_backend(backend, q.device.type, feature_map, head_dim=q.shape[-1])
     if which == "triton":
         from .triton_ops import triton_attention_core
 

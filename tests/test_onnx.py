@@ -127,9 +127,9 @@ def test_static_export_runs_reference_in_fp32_and_leaves_model_as_it_was(tmp_pat
     asked = []
     real = dispatch.resolve_backend
 
-    def spy(backend, device_type, feature_map):
+    def spy(backend, device_type, feature_map, **kw):
         asked.append(backend)
-        return real(backend, device_type, feature_map)
+        return real(backend, device_type, feature_map, **kw)
     monkeypatch.setattr(dispatch, "resolve_backend", spy)
     x, keep = _inputs(block, B, N)
     x = x.bfloat16().float()  # representable in bf16: the fp32 copy sees the same input

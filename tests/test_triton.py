@@ -185,3 +185,15 @@ def test_backend_auto_on_cpu_uses_reference(monkeypatch) -> None:
     assert dispatch.resolve_backend("auto", "cpu", fm) == "torch"
     out = dispatch.attention_core_dispatch(q, k, v, feature_map=fm, backend="auto")
     assert torch.equal(out, attention_core(q, k, v, feature_map=fm))
+
+
+def test_auto_uses_triton_on_cuda_only_for_head_dims_measured_faster(monkeypatch) -> None:
+    """On CUDA, "auto" picks Triton for dh <= 128 and the reference for wider heads (dh=325
+    measured ~30x slower in Triton, docs/benchmarks.md); "triton" still forces Triton."""
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    fm = build_feature_map("performer", head_dim=8)
+    assert dispatch.resolve_backend("auto", "cuda", fm, head_dim=64) == "triton"
+    assert dispatch.resolve_backend("auto", "cuda", fm, head_dim=128) == "triton"
+    assert dispatch.resolve_backend("auto", "cuda", fm, head_dim=325) == "torch"
+    assert dispatch.resolve_backend("triton", "cuda", fm, head_dim=325) == "triton"
+    assert dispatch.resolve_backend("auto", "cuda", None, head_dim=64) == "torch"  # softmax
