@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 import warnings
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import torch
 
+from flurka_rewrite.atomic import atomic_write
 from flurka_rewrite.config import KERNEL_CHOICES, RewriteConfig
 from flurka_rewrite.io import (
     CliError, ConversionError, LoadedModel, NoAttentionError,
@@ -142,25 +142,6 @@ def check_output(path: str, sources: list[str], force: bool, suffixes: tuple[str
     if os.path.exists(path) and not force:
         raise OutputExistsError(f"output {path!r} exists; pass --force to overwrite it")
     return kind
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path in the same directory, then rename it to
-    ``path``: an interrupted run leaves no half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".flurka-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _split(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -334,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
     write_model(new_model, out_kind, args.output, inputs)
     if args.onnx:
         try:
-            atomic_write(args.onnx, lambda tmp: fr.export_onnx(new_model, inputs, tmp))
+            fr.export_onnx(new_model, inputs, args.onnx)  # writes atomically itself
         except CliError:
             raise
         except Exception as e:  # noqa: BLE001

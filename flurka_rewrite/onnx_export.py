@@ -28,7 +28,6 @@ import copy
 import inspect
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -38,6 +37,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from flurka_rewrite.atomic import atomic_write
 from flurka_rewrite.attention import FlurkaAttention
 
 # ONNX's own limit for one protobuf file; bigger models store their weights beside it.
@@ -277,16 +277,12 @@ def export_onnx(
         onnx.checker.check_model(path, full_check=True)
         proto = onnx.load(path, load_external_data=False)
     else:
-        fd, tmp = tempfile.mkstemp(prefix=".flurka-onnx-", suffix=".onnx", dir=folder)
-        os.close(fd)
-        try:
+        def save_checked(tmp: str) -> None:
             program.save(tmp, external_data=False)
             onnx.checker.check_model(tmp, full_check=True)
-            proto = onnx.load(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+
+        atomic_write(path, save_checked)
+        proto = onnx.load(path)
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return OnnxExport(path=path, input_names=input_names, output_names=output_names,
                       dynamic_axes=_graph_dynamic_axes(proto), max_seq_len=_max_seq_len(model),
