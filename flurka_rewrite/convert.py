@@ -20,6 +20,7 @@ from flurka_rewrite.passes.install import install
 from flurka_rewrite.passes.plan_sites import Unit, analyse, decide
 from flurka_rewrite.passes.rewrite import build_attention, rel_error, rewrite_site
 from flurka_rewrite.passes.mha import FlurkaMultiheadAttention
+from flurka_rewrite.passes.static_plan import analyse_static
 from flurka_rewrite.passes.graph_nx import site_region, to_digraph
 from flurka_rewrite.report import RewriteReport, SiteReport, digraph_from_fx
 
@@ -28,15 +29,14 @@ _OPTION_NAMES = ("kernel", "dk", "num_features", "backend", "seed", "filter_fn",
 
 
 def _example_inputs(model: nn.Module, example_inputs: Any) -> Any:
+    """The given inputs, else a Hugging Face model's ``dummy_inputs``, else None (static
+    planning on ``symbolic_trace``, passes/static_plan.py)."""
     if example_inputs is not None:
         return example_inputs
     dummy = getattr(model, "dummy_inputs", None)
     if isinstance(dummy, dict) and dummy:
         return dummy
-    raise ValueError(
-        f"{type(model).__name__} needs example inputs to find its attention: pass "
-        "example_inputs=(tensor, ...) (positional) or example_inputs={'name': tensor} (keyword), "
-        "shaped like a real batch")
+    return None
 
 
 def _config_dict(cfg: RewriteConfig) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
     was_training = target.training
     target.eval()
     try:
-        units = analyse(target, ex, cfg)
+        units = analyse(target, ex, cfg) if ex is not None else analyse_static(target, cfg)
         sites = [s for u in units for s in u.sites]
         decide(target, sites, cfg)
         if build:
@@ -85,7 +85,8 @@ def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
             report.graphs[s.path] = s.graphs
     if build:
         target.flurka_report = report
-        target.flurka_example_inputs = ex
+        if ex is not None:
+            target.flurka_example_inputs = ex
     return target, report
 
 
@@ -98,14 +99,14 @@ def _apply(u: Unit, cfg: RewriteConfig) -> None:
         attn = _attn_for(s, cfg)
         new = FlurkaMultiheadAttention(u.module, attn, cfg.hoist)
         s.hoisted = new.hoist
-        s.rel_error = u.mha_rel_error(new)
+        s.rel_error = u.mha_rel_error(new) if u.call != ((), {}) else None
         parent_path, _, name = u.path.rpartition(".")
         parent = u.root.get_submodule(parent_path) if parent_path else u.root
         setattr(parent, name, new)
         return
     for s in legal:
         attn = _attn_for(s, cfg)
-        s.rel_error = rel_error(s, u.values, attn)
+        s.rel_error = rel_error(s, u.values, attn) if u.values else None
         name = f"flurka_{s.index}"
         before = _picture_before(u, s)
         old_nodes = set(u.gm.graph.nodes)

@@ -186,6 +186,12 @@ def analyse(model: nn.Module, example_inputs: Any, cfg: RewriteConfig) -> list[U
     for path in disc.mha:
         if not any(path.startswith(u + ".") and units[u].how.startswith("export") for u in units):
             units[path] = _mha_unit(model, path, disc)
+    if getattr(model, "config", None) is not None:  # Hugging Face: p is 0.0 in eval capture
+        for u in units.values():
+            if u.kind == "graph":
+                for s in u.sites:
+                    if s.dropout_p == 0.0:
+                        s.dropout_p = train_dropout(model, s.module_path)
     order = list(disc.inputs)
     out = sorted(units.values(), key=lambda u: order.index(u.path) if u.path in order else 0)
     i = 0
@@ -200,6 +206,37 @@ def analyse(model: nn.Module, example_inputs: Any, cfg: RewriteConfig) -> list[U
     return out
 
 
+_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "dropout_prob")
+_CONFIG_DROPOUT = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+
+
+def _prob(x: Any) -> float | None:
+    if isinstance(x, nn.Dropout):
+        return float(x.p)
+    if isinstance(x, float) and 0.0 <= x < 1.0:
+        return x
+    return None
+
+
+def train_dropout(model: nn.Module, path: str) -> float:
+    """Training-time attention-dropout probability of the Hugging Face attention module at
+    ``path``. HF passes ``dropout=0.0`` to its attention function in eval mode (the capture),
+    so the graph does not show it: read the module's ``attention_dropout`` / ``attn_dropout`` /
+    ``dropout`` attribute (float or ``nn.Dropout``), else the model config's
+    ``attention_probs_dropout_prob`` / ``attention_dropout`` / ``attn_pdrop``; 0.0 if none."""
+    mod = model.get_submodule(path) if path else model
+    for name in _DROPOUT_ATTRS:
+        p = _prob(getattr(mod, name, None))
+        if p is not None:
+            return p
+    cfg = getattr(model, "config", None)
+    for name in _CONFIG_DROPOUT:
+        p = _prob(getattr(cfg, name, None))
+        if p is not None:
+            return p
+    return 0.0
+
+
 def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig) -> None:
     """filter_fn, then kernel / dk / num_features per legal site (cost model for "auto")."""
     mpe = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 0
@@ -211,11 +248,14 @@ def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig) -> None:
         if cfg.filter_fn is not None and not cfg.filter_fn(s.module_path, s):
             s.skip("excluded by filter_fn")
             continue
-        s.max_seq_len = cfg.max_seq_len or max(s.kv_seq_len, int(mpe))
         dk = cfg.dk
         if s.causal and dk is not None:
             s.notes_for_report.append(CAUSAL_NOTE)
             dk = None
+        if s.kv_seq_len is None:  # planned without example inputs (passes/static_plan.py)
+            _decide_static(s, cfg, dk, int(mpe))
+            continue
+        s.max_seq_len = cfg.max_seq_len or max(s.kv_seq_len, int(mpe))
         if isinstance(dk, int) and dk > s.max_seq_len:
             s.skip(f"dk={dk} is larger than the longest key sequence {s.max_seq_len} "
                    "(max_seq_len); use a smaller dk or dk=None")
@@ -235,11 +275,52 @@ def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig) -> None:
                 s.notes_for_report.append(ch.reason)
             if M != s.kv_seq_len:
                 s.notes_for_report.append(f"FLOPs at key length {M} (dk > example length)")
+            _dropout_note(s)
         except ValueError as e:
             s.kernel = "performer" if cfg.kernel == "auto" else cfg.kernel
             s.dk = dk if isinstance(dk, int) else None
             s.num_features = cfg.num_features
             s.notes_for_report.append(f"no FLOP estimate: {e}")
+            _dropout_note(s)
+
+
+def _decide_static(s: Site, cfg: RewriteConfig, dk: int | str | None, mpe: int) -> None:
+    """kernel / dk for a site without sequence lengths: the key length is max_seq_len."""
+    s.max_seq_len = cfg.max_seq_len or mpe or None
+    if dk is not None and s.max_seq_len is None:
+        raise ValueError(
+            f"dk={dk!r} (low-rank) needs the longest key sequence length, unknown without "
+            "example inputs: pass max_seq_len=... (or example_inputs=...), or use dk=None")
+    if isinstance(dk, int) and dk > s.max_seq_len:
+        s.skip(f"dk={dk} is larger than the longest key sequence {s.max_seq_len} "
+               "(max_seq_len); use a smaller dk or dk=None")
+        return
+    L = s.max_seq_len
+    try:
+        if L is None:
+            raise ValueError("sequence length unknown without example inputs or max_seq_len")
+        ch = cost_model.choose(
+            kernel=cfg.kernel, dk=dk, num_features=cfg.num_features, B=1, N=L, M=L,
+            H=s.heads, Hkv=s.kv_heads, dh=s.head_dim, dm=s.dm, causal=s.causal,
+            hoistable=False, padding_mask="padding" in s.mask_kind)
+        s.kernel, s.dk, s.num_features, s.flops_after = ch.kernel, ch.dk, ch.num_features, None
+        if cfg.kernel == "auto" or dk == "auto":
+            s.notes_for_report.append(f"{ch.reason} (at N = M = max_seq_len = {L})")
+    except (ValueError, TypeError) as e:
+        s.kernel = "performer" if cfg.kernel == "auto" else cfg.kernel
+        s.dk = dk if isinstance(dk, int) else None
+        s.num_features = cfg.num_features
+        s.notes_for_report.append(f"no FLOP estimate: {e}")
+    s.hoisted = False
+    _dropout_note(s)
+
+
+def _dropout_note(s: Site) -> None:
+    """FlurkaAttention applies dropout only in exact mode (softmax, no dk)."""
+    if s.dropout_p > 0 and not (s.kernel == "softmax" and s.dk is None):
+        s.notes_for_report.append(
+            f"attention dropout p={s.dropout_p:g} not applied: kernel / low-rank attention has "
+            "no attention weights (exact mode only)")
 
 
 def _flops_before(s: Site) -> None:

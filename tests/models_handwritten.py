@@ -6,6 +6,7 @@ small and not powers of two (d=30, H=3, dh=10, N=11, M=7).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -244,9 +245,11 @@ class Wrap(nn.Module):
         super().__init__()
         self.attn, self.norm = attn, nn.LayerNorm(D)
         self.head = nn.Linear(D, 5) if head else None
+        # how many inputs after x the attention takes (explicit, so symbolic_trace works)
+        self.n_rest = len(inspect.signature(attn.forward).parameters) - 1
 
-    def forward(self, x, *rest):
-        y = self.attn(x, *rest)
+    def forward(self, x, a=None, b=None):
+        y = self.attn(x, *(a, b)[: self.n_rest])
         if isinstance(y, tuple):
             return (self.norm(y[0] + x), *y[1:])
         y = self.norm(y + x)

@@ -71,10 +71,67 @@ def test_report_fields_filled() -> None:
     assert new.flurka_report.config["kernel"] == "performer"
 
 
-def test_missing_example_inputs_is_a_clear_error() -> None:
-    case = build("sdpa_padding")
-    with pytest.raises(ValueError, match="example_inputs"):
-        fr.convert(case.model, kernel="rnn")
+# ------------------------------------------------------------ no example inputs (symbolic_trace)
+STATIC = ["matmul_div_add", "scale_q_masked_fill", "einsum_bnhd", "sdpa_padding",
+          "sdpa_causal_gqa", "cross_attention", "mha_batch_first", "transformer_encoder"]
+
+
+@pytest.mark.parametrize("name", STATIC)
+def test_exact_without_example_inputs_matches_original(name: str) -> None:
+    """Oracle: the original model, and the sites found with example inputs. 1e-5: fp32, the
+    same softmax attention computed through SDPA instead of the model's own ops."""
+    case = build(name)
+    with torch.no_grad():
+        ref = case.model(*case.inputs)
+    new = fr.convert(case.model, kernel="softmax", dk=None)  # no example_inputs
+    with_inputs = fr.plan(case.model, kernel="softmax", dk=None, example_inputs=case.inputs)
+    rep = new.flurka_report
+    assert len(rep.sites) == len(with_inputs.sites) == case.sites
+    assert [s.status for s in rep.sites] == ["rewritten"] * case.rewritten, rep.to_json()
+    assert all(s.rel_error is None and s.seq_len is None for s in rep.sites)
+    assert [(s.heads, s.kv_heads, s.head_dim) for s in rep.sites] == \
+           [(s.heads, s.kv_heads, s.head_dim) for s in with_inputs.sites]
+    with torch.no_grad():
+        torch.testing.assert_close(new(*case.inputs), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bmm_3d", "repeat_kv_triu"])
+def test_unknown_static_shapes_are_skipped_with_reason(name: str) -> None:
+    """3-D (B*H, N, d) layouts and repeat_kv reshapes hide the head count from the graph."""
+    rep = fr.plan(build(name).model, kernel="softmax", dk=None)
+    assert [s.status for s in rep.sites] == ["skipped"]
+    assert rep.sites[0].reason == "shapes unknown without example_inputs: pass example_inputs"
+
+
+@pytest.mark.parametrize("name", ["sdpa_padding", "mha_batch_first"])
+def test_low_rank_without_inputs_needs_max_seq_len(name: str) -> None:
+    with pytest.raises(ValueError, match="max_seq_len"):
+        fr.convert(build(name).model, kernel="performer", dk=5)
+
+
+@pytest.mark.parametrize("name", ["einsum_bnhd", "mha_batch_first", "transformer_encoder"])
+def test_low_rank_without_inputs_with_max_seq_len(name: str) -> None:
+    """Without inputs the key length is max_seq_len=16 (the example's N=11 fits)."""
+    case = build(name)
+    new = fr.convert(case.model, kernel="performer", dk=5, num_features=12, max_seq_len=16)
+    rep = new.flurka_report
+    assert len(rep.rewritten) == case.rewritten and all(s.dk == 5 for s in rep.rewritten)
+    with torch.no_grad():
+        out = new(*case.inputs)
+        assert torch.isfinite(out).all()
+        assert not torch.allclose(out, case.model(*case.inputs), atol=1e-3)  # rewrite in use
+
+
+def test_masked_graph_site_without_inputs_is_exact_only() -> None:
+    """The mask's kind (padding / causal / bias) is a property of its values."""
+    rep = fr.plan(build("sdpa_padding").model, kernel="performer", dk=5, max_seq_len=16)
+    assert rep.sites[0].status == "skipped" and "example_inputs" in rep.sites[0].reason
+
+
+@pytest.mark.parametrize("name", ["permute_where_fp32", "causal_tril_buffer"])
+def test_untraceable_model_without_inputs_is_a_clear_error(name: str) -> None:
+    with pytest.raises(ValueError, match="symbolic_trace.*pass example_inputs"):
+        fr.convert(build(name).model, kernel="softmax", dk=None)
 
 
 @pytest.mark.parametrize("kw,match", [

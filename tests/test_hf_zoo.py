@@ -190,3 +190,60 @@ def test_hoisted_bert_projects_only_dk_rows() -> None:
     for op, shapes in conv.uses:
         assert not any(full & set(shp) for shp in shapes), (op, shapes)
         assert any(low & set(shp) for shp in shapes), (op, shapes)
+
+
+# --------------------------------------------------------------------------- attention dropout
+def _bert_dropout() -> torch.nn.Module:
+    """BERT with attention dropout 0.1 and no other dropout (so train-mode noise is attention's)."""
+    import transformers as tf
+    cfg = tf.BertConfig(**{**zoo.BERT_LIKE, "hidden_dropout_prob": 0.0,
+                           "attention_probs_dropout_prob": 0.1})
+    return zoo._from_config(tf.BertModel, cfg, "sdpa")
+
+
+def test_bert_exact_keeps_attention_dropout() -> None:
+    model = _bert_dropout()
+    inputs = zoo._text_inputs(0)
+    with torch.no_grad():
+        ref = model(**inputs).last_hidden_state
+    new = fr.convert(model, kernel="softmax", dk=None, example_inputs=inputs)
+    attns = [m for m in new.modules() if isinstance(m, fr.FlurkaAttention)]
+    assert len(attns) == zoo.LAYERS and all(m.dropout == 0.1 for m in attns), attns
+    new.train()
+    with torch.no_grad():  # dropout active: two calls draw different masks
+        a, b = (new(**inputs).last_hidden_state for _ in range(2))
+    assert not torch.allclose(a, b, atol=1e-3)
+    new.eval()
+    with torch.no_grad():  # eval: no dropout, same as the original (1e-5: fp32, same SDPA math)
+        torch.testing.assert_close(new(**inputs).last_hidden_state, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_bert_performer_reports_dropout_not_applied() -> None:
+    rep = fr.plan(_bert_dropout(), kernel="performer", dk=DK, example_inputs=zoo._text_inputs(0))
+    assert len(rep.sites) == zoo.LAYERS
+    for s in rep.sites:
+        assert s.status == "rewritten" and "dropout p=0.1 not applied" in s.reason, s.reason
+
+
+@pytest.mark.parametrize("name,cfg_kw,path,want", [
+    ("gpt2", dict(attn_pdrop=0.2, resid_pdrop=0.3), "h.0.attn", 0.2),
+    ("llama", dict(attention_dropout=0.15), "layers.0.self_attn", 0.15),
+    ("bart", dict(attention_dropout=0.05, dropout=0.3), "encoder.layers.0.self_attn", 0.05),
+    ("bert", dict(attention_probs_dropout_prob=0.25, hidden_dropout_prob=0.3),
+     "encoder.layer.0.attention.self", 0.25),
+], ids=["gpt2-attn_pdrop", "llama-attention_dropout", "bart-attention_dropout", "bert"])
+def test_train_dropout_of_hf_attention(name: str, cfg_kw: dict, path: str, want: float) -> None:
+    from flurka_rewrite.passes.plan_sites import train_dropout
+    import transformers as tf
+    cls, cfg_cls, base = {
+        "gpt2": (tf.GPT2Model, tf.GPT2Config, zoo.GPT2_CFG),
+        "llama": (tf.LlamaModel, tf.LlamaConfig, dict(
+            vocab_size=zoo.VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2)),
+        "bart": (tf.BartModel, tf.BartConfig, dict(
+            vocab_size=zoo.VOCAB, d_model=48, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=3, decoder_attention_heads=3, encoder_ffn_dim=64,
+            decoder_ffn_dim=64)),
+        "bert": (tf.BertModel, tf.BertConfig, zoo.BERT_LIKE)}[name]
+    model = cls(cfg_cls(**{**base, **cfg_kw}))
+    assert train_dropout(model, path) == pytest.approx(want)
