@@ -10,9 +10,10 @@ from .convert import convert, plan
 from .report import RewriteReport, SiteReport
 from .onnx_export import export_onnx
 from .saving import load, save
+from .distill import DistillResult, distill
 
 __version__ = "0.1.0"
 
 __all__ = ["FlurkaAttention", "RewriteConfig", "RewriteReport", "SiteReport", "convert", "plan",
            "__version__"]
-__all__ += ["export_onnx", "load", "save"]
+__all__ += ["export_onnx", "load", "save", "distill", "DistillResult"]
