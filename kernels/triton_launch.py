@@ -11,7 +11,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_causal import flurka_causal_fwd_kernel
+from .triton_causal import (
+    flurka_causal_bwd_k_kernel,
+    flurka_causal_bwd_q_kernel,
+    flurka_causal_bwd_v_kernel,
+    flurka_causal_fwd_kernel,
+)
 from .triton_kernels import flurka_rows_bwd_kernel, flurka_rows_fwd_kernel, flurka_state_kernel
 from .triton_tuning import interpreting
 
@@ -99,20 +104,16 @@ def launch_rows_bwd(x: Tensor, g: Tensor, a: Tensor, beta: Tensor, c: Tensor, T:
     return dx
 
 
-def key_stabilizer(k3: Tensor, maskf: Tensor, w: Tensor, *, m: int, sqrt_s: float) -> Tensor:
-    """Performer key stabilizer: one max of u over the real keys of each (batch, kv-head),
-    repeated per real key row: (BH, M) fp32. Padded rows get their own row max (their phi is
-    multiplied by 0 and must stay finite); all keys padded: 0."""
-    BH, M, _ = k3.shape
-    c = torch.empty(BH, M, device=k3.device, dtype=torch.float32)
-    dummy = c.new_empty(0)
-    launch_rows_fwd(k3, c.new_zeros(1, 1, 1), dummy, w, dummy, c, dummy, dummy, mode=2,
-                    fmap=PERFORMER, m=m, sqrt_s=sqrt_s, mfac=1.0, eps=0.0)
+def key_stabilizer(ls: Tensor, maskf: Tensor) -> Tensor:
+    """Performer key stabilizer of the non-causal path from the keys' own row maxima ls
+    (BH, M): one max over the real keys of each (batch, kv-head), repeated per real key row:
+    (BH, M) fp32. Padded rows keep their own row max (their phi is multiplied by 0 and must
+    stay finite); all keys padded: 0."""
+    BH, M = ls.shape
     keep = maskf > 0
-    cmax = c.masked_fill(~keep, float("-inf")).amax(-1, keepdim=True)  # (BH, 1)
+    cmax = ls.masked_fill(~keep, float("-inf")).amax(-1, keepdim=True)  # (BH, 1)
     cmax = torch.where(torch.isfinite(cmax), cmax, torch.zeros_like(cmax))
-    # padded keys keep their own row max: their phi (multiplied by 0) stays finite
-    return torch.where(keep, cmax.expand(BH, M), c).contiguous()
+    return torch.where(keep, cmax.expand(BH, M), ls).contiguous()
 
 
 def _views(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None):
@@ -140,8 +141,9 @@ def core_forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor | None, mask: Tensor
     BH, M = k3.shape[0], k3.shape[1]
     wt = w.contiguous().float() if w is not None else q.new_empty(0, dtype=torch.float32)
     m, sqrt_s, mfac = _consts(fmap, w, dh, scale)
-    if fmap == PERFORMER:
-        ck = key_stabilizer(k3, maskf, wt, m=m, sqrt_s=sqrt_s)
+    if fmap == PERFORMER:  # causal: each key's own max; non-causal: one shared max
+        ck = _key_row_max(k3, wt, m=m, sqrt_s=sqrt_s)
+        ck = ck if causal else key_stabilizer(ck, maskf)
     else:
         ck = torch.zeros(BH, M, device=q.device, dtype=torch.float32)
     R = q3.shape[1]
@@ -156,16 +158,12 @@ def core_forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor | None, mask: Tensor
         return out.view(B, H, N, dv), cq, den, ck, S, z
     C = causal_chunk()
     nc = triton.cdiv(N, C)
-    ci, e_end, crow = ck, None, ck
+    ci, e_end, crow, ep = ck, None, ck, ck.new_zeros(BH, nc)
     if fmap == PERFORMER:
-        ci, e_end, crow, ck = _causal_scales(k3, maskf, wt, C, m=m, sqrt_s=sqrt_s)
+        ci, e_end, crow, ep = _causal_scales(ck, maskf, C)
     Sc, zc = launch_state(k3, v3, maskf, maskf, crow, wt, fmap=fmap, m=m, sqrt_s=sqrt_s,
                           mfac=mfac, chunk=C)
     S, z = _exclusive_scan(Sc, zc, e_end)
-    if e_end is None:
-        ep = ck.new_zeros(BH, nc)
-    else:  # the exclusive state of chunk t is at the scale of chunk t-1's end
-        ep = torch.cat([torch.full_like(e_end[:, :1], -1e30), e_end[:, :-1]], 1).contiguous()
     G = H // k.shape[1]
     grid = lambda meta: (BH, G * nc, triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
     flurka_causal_fwd_kernel[grid](
@@ -175,24 +173,31 @@ def core_forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor | None, mask: Tensor
     return out.view(B, H, N, dv), cq, den, ck, S, z
 
 
-def _causal_scales(k3: Tensor, maskf: Tensor, w: Tensor, C: int, *, m: int, sqrt_s: float):
-    """Performer stabilizers of the causal path, all (log) scales:
-    ls (BH, N) each key's own row max of u, ci (BH, N) the running
-    max of ls over real keys (-1e30 before the first), e_end (BH, NC) the running max at the end
-    of each chunk, the scale of that chunk's state, and crow (BH, N) the scale at which each
-    key enters its chunk's state (e_end of its chunk; its own ls for padded keys)."""
-    BH, N, _ = k3.shape
-    ls = torch.empty(BH, N, device=k3.device, dtype=torch.float32)
+def _key_row_max(k3: Tensor, w: Tensor, *, m: int, sqrt_s: float) -> Tensor:
+    """Performer: each key's own row max of u, ls (BH, N) fp32 (its causal stabilizer)."""
+    ls = torch.empty(k3.shape[0], k3.shape[1], device=k3.device, dtype=torch.float32)
     launch_rows_fwd(k3, ls.new_zeros(1, 1, 1), ls.new_empty(0), w, ls.new_empty(0), ls,
                     ls.new_empty(0), ls.new_empty(0), mode=2, fmap=PERFORMER, m=m,
                     sqrt_s=sqrt_s, mfac=1.0, eps=0.0)
+    return ls
+
+
+def _causal_scales(ls: Tensor, maskf: Tensor, C: int):
+    """Performer stabilizers of the causal path from the keys' own row maxima ls (BH, N), all
+    (log) scales: ci (BH, N) the running max of ls over real keys (-1e30 before the first),
+    e_end (BH, NC) the running max at the end of each chunk, the scale of that chunk's state,
+    crow (BH, N) the scale at which each key enters its chunk's state (e_end of its chunk; its
+    own ls for padded keys), and ep (BH, NC) the scale of the exclusive state of each chunk
+    (e_end of the chunk before; -1e30 for the first)."""
+    N = ls.shape[1]
     keep = maskf > 0
     ci = torch.cummax(torch.where(keep, ls, torch.full_like(ls, -1e30)), -1).values
-    ends = torch.arange(C - 1, N + C - 1, C, device=k3.device).clamp_max(N - 1)
+    ends = torch.arange(C - 1, N + C - 1, C, device=ls.device).clamp_max(N - 1)
     e_end = ci[:, ends].contiguous()  # (BH, NC): scale of each chunk's state
     crow = e_end.repeat_interleave(C, 1)[:, :N]
     crow = torch.where(keep, crow, ls).contiguous()  # padded keys: own max, finite phi
-    return ci.contiguous(), e_end, crow, ls
+    ep = torch.cat([torch.full_like(e_end[:, :1], -1e30), e_end[:, :-1]], 1).contiguous()
+    return ci.contiguous(), e_end, crow, ep
 
 
 def _exclusive_scan(Sc: Tensor, zc: Tensor, e: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -247,4 +252,80 @@ def noncausal_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor 
     dvv = torch.empty_like(v3)
     launch_rows_fwd(k3, dS, dz, wt, maskf, ck, dvv, den.new_empty(0), mode=1, fmap=fmap, m=m,
                     sqrt_s=sqrt_s, mfac=mfac, eps=0.0)
+    return dq.view(q.shape), dk.view(k.shape), dvv.view(v.shape)
+
+
+def _reverse_exclusive_scan(Dc: Tensor, dc: Tensor, ep: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Exclusive suffix sums over chunks, R_t = sum_{t' > t} D_t', in fp32.
+
+    Dc (BH, NC, m, dv), dc (BH, NC, m). With scales ep (BH, NC), nondecreasing, chunk t' holds
+    its queries' terms times exp(ep_t' - c_i) (<= 1); chunk t' > t is rescaled by
+    exp(ep_{t+1} - ep_t') <= 1, so R_t comes out at scale ep_{t+1}, the running max at the end
+    of chunk t. This is ``_exclusive_scan`` on the reversed chunks with scales -ep (which are
+    nondecreasing there)."""
+    e = None if ep is None else (-ep).flip(1)
+    R, r = _exclusive_scan(Dc.flip(1), dc.flip(1), e)
+    return R.flip(1).contiguous(), r.flip(1).contiguous()
+
+
+def causal_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor | None,
+                    mask: Tensor | None, out: Tensor, cq: Tensor, den: Tensor, ck: Tensor,
+                    S: Tensor, z: Tensor, fmap: int, scale: float,
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of the causal core, shapes and dtypes of q, k, v.
+
+    Reuses the forward's out, cq, den, ck (performer: the keys' own stabilizers ls) and the
+    exclusive prefix states S, z. With a = 1/den, b = -(dO . O)/den per query: the suffix
+    states R = sum_{later chunks} phi(Q)^T (a dO), r = phi(Q)^T b (``flurka_state_kernel`` per
+    chunk of each query head, summed over the G heads, then a reverse scan), then one kernel
+    each for dq, dk, dv (intra-chunk C x C products + the states). Extra memory: the per-head
+    chunk states, O(G * N/C * m * dv) fp32; never N x N."""
+    B, H, N, dh = q.shape
+    dv = v.shape[-1]
+    q3, k3, v3, maskf = _views(q, k, v, mask)
+    BH, R = q3.shape[0], q3.shape[1]
+    G = R // N
+    do3 = dout.contiguous().view(BH, R, dv).to(q.dtype)
+    o3 = out.contiguous().view(BH, R, dv)
+    wt = w.contiguous().float() if w is not None else q.new_empty(0, dtype=torch.float32)
+    m, sqrt_s, mfac = _consts(fmap, w, dh, scale)
+    delta = (do3.float() * o3.float()).sum(-1)  # (BH, G*N)
+    # a query with no real key at or before it has out = 0 / eps and no gradient path: drop
+    # it (a = 1/eps would overflow a 16-bit dot operand)
+    seen = (torch.cummax(maskf, -1).values > 0).repeat(1, G)  # (BH, G*N)
+    aq = torch.where(seen, 1.0 / den, 0.0).contiguous()
+    bq = torch.where(seen, -delta / den, 0.0).contiguous()
+    C = causal_chunk()
+    nc = triton.cdiv(N, C)
+    if fmap == PERFORMER:
+        ci, e_end, _, ep = _causal_scales(ck, maskf, C)
+        # query i enters its chunk's suffix state at scale ep of the chunk: exp(ep - c_i) <= 1
+        erow = torch.exp(ep.repeat_interleave(C, 1)[:, :N] - ci)  # (BH, N)
+        a_s = (aq.view(BH, G, N) * erow[:, None]).view(BH * G, N)
+        b_s = (bq.view(BH, G, N) * erow[:, None]).view(BH * G, N)
+        scan_scale = ep
+    else:
+        ci, e_end, ep = ck, ck.new_zeros(BH, nc), ck.new_zeros(BH, nc)
+        a_s, b_s, scan_scale = aq.view(BH * G, N), bq.view(BH * G, N), None
+    # each query head's rows are one contiguous (N, .) slab of the (BH, G*N, .) layout
+    Dc, dc = launch_state(q3.view(BH * G, N, dh), do3.view(BH * G, N, dv), a_s, b_s,
+                          cq.view(BH * G, N), wt, fmap=fmap, m=m, sqrt_s=sqrt_s, mfac=1.0,
+                          chunk=C)
+    Dc = Dc.view(BH, G, nc, m, dv).sum(1)
+    dc = dc.view(BH, G, nc, m).sum(1)
+    Rs, rz = _reverse_exclusive_scan(Dc, dc, scan_scale)
+    prec, dt, bd = _prec(q.dtype), _dot_dtype(q.dtype), _block_d(dh)
+    dq = torch.empty_like(q3)
+    flurka_causal_bwd_q_kernel[(BH, G * nc)](
+        q3, k3, v3, do3, maskf, ck, ci, ep, cq, aq, bq, S, z, wt, dq, N, nc, sqrt_s, mfac,
+        dh, dv, m, FMAP=fmap, PREC=prec, DT=dt, CHUNK=C, BLOCK_D=bd)
+    dk = torch.empty_like(k3)
+    flurka_causal_bwd_k_kernel[(BH, nc)](
+        q3, k3, v3, do3, maskf, ck, ci, e_end, cq, aq, bq, Rs, rz, wt, dk, N, nc, G, sqrt_s,
+        mfac, dh, dv, m, FMAP=fmap, PREC=prec, DT=dt, CHUNK=C, BLOCK_D=bd)
+    dvv = torch.empty_like(v3)
+    grid = lambda meta: (BH, nc, triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
+    flurka_causal_bwd_v_kernel[grid](
+        q3, k3, do3, maskf, ck, ci, e_end, cq, aq, Rs, wt, dvv, N, nc, G, sqrt_s, mfac,
+        dh, dv, m, FMAP=fmap, PREC=prec, DT=dt, CHUNK=C, BLOCK_D=bd)
     return dq.view(q.shape), dk.view(k.shape), dvv.view(v.shape)

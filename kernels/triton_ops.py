@@ -10,8 +10,8 @@ what ``reference.attention_core`` returns.
 Feature maps: performer, relu and rnn are computed inside the kernels (phi(Q) is never stored).
 ffk has trainable weights: its phi(q), phi(k) are computed by the module in PyTorch, and the
 fused core then runs with the identity map, so autograd reaches the ffk weights.
-Causal backward: recomputation of the chunked PyTorch reference under autograd (memory
-O(N/C * m * dv), never N x N); the causal forward is the Triton chunked kernel.
+Causal forward and backward: the Triton chunked prefix-sum kernels (``triton_causal``;
+memory O(N/C * m * dv), never N x N).
 """
 from __future__ import annotations
 
@@ -19,8 +19,13 @@ import torch
 from torch import Tensor
 
 from .feature_maps import FeatureMap
-from .reference import causal_kernel_attention
-from .triton_launch import PERFORMER, causal_chunk, core_forward, noncausal_backward
+from .triton_launch import (
+    PERFORMER,
+    causal_backward,
+    causal_chunk,
+    core_forward,
+    noncausal_backward,
+)
 
 FMAP_CODES = {"identity": 0, "relu": 1, "rnn": 2, "performer": PERFORMER}
 
@@ -54,10 +59,10 @@ def flurka_core_bwd(
     out: Tensor, cq: Tensor, den: Tensor, ck: Tensor, S: Tensor, z: Tensor, fmap: int,
     scale: float, causal: bool, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused backward of the non-causal core: (dq, dk, dv) in the dtypes of q, k, v."""
+    """Fused backward of the core: (dq, dk, dv) in the dtypes of q, k, v; see
+    ``triton_launch.noncausal_backward`` and ``triton_launch.causal_backward``."""
     if causal:
-        raise NotImplementedError("the causal backward runs by recomputation in "
-                                  "FlurkaCausalCoreFunction.backward, not in this op")
+        return causal_backward(dout, q, k, v, w, mask, out, cq, den, ck, S, z, fmap, scale)
     return noncausal_backward(dout, q, k, v, w, mask, out, cq, den, ck, S, z, fmap, scale)
 
 
@@ -84,10 +89,6 @@ class _CoreFunction(torch.autograd.Function):
     @classmethod
     def backward(cls, ctx, dout, *_):  # type: ignore[override]
         q, k, v, w, mask, out, cq, den, ck, S, z = ctx.saved_tensors
-        if cls.causal:
-            dq, dk, dv = _causal_backward_by_recompute(
-                dout, q, k, v, w, mask, ctx.fmap, ctx.scale, ctx.eps)
-            return dq, dk, dv, None, None, None, None, None
         dq, dk, dv = torch.ops.flurka_rewrite.flurka_core_bwd(
             dout.contiguous(), q, k, v, w, mask, out, cq, den, ck, S, z, ctx.fmap, ctx.scale,
             cls.causal, ctx.eps)
@@ -165,47 +166,6 @@ def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -
                          f"got {tuple(mask.shape)}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"q must be fp32, fp16 or bf16; got {q.dtype}")
-
-
-# -- causal backward (recomputation) ----------------------------------------------------------
-def _torch_phi(x: Tensor, w: Tensor | None, fmap: int, scale: float, is_query: bool,
-               mask: Tensor | None) -> Tensor:
-    """phi(x) in fp32 as the reference feature maps compute it (stabilizers detached)."""
-    xf = x.float()
-    if fmap == 0:
-        return xf
-    if fmap == 1:
-        return torch.relu(xf) + 1e-3
-    if fmap == 2:
-        return torch.nn.functional.elu(xf) + 1.0
-    xs = xf * scale**0.5
-    if is_query:  # a softmax over features (the row constant -|x'|^2/2 cancels)
-        return torch.softmax(xs @ w.t(), dim=-1)  # (B, H, N, m)
-    else:
-        u = xs @ w.t() - 0.5 * (xs * xs).sum(-1, keepdim=True)  # (B, Hkv, M, m)
-        uu = u if mask is None else u.masked_fill(~mask[:, None, :, None], float("-inf"))
-        c = uu.amax(dim=(-2, -1), keepdim=True)
-        c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-    return torch.exp(u - c.detach()) * w.shape[0] ** -0.5
-
-
-def _causal_backward_by_recompute(dout, q, k, v, w, mask, fmap, scale, eps):
-    """(dq, dk, dv) of the causal core by autograd through the chunked PyTorch reference."""
-    with torch.enable_grad():
-        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-        pq = _torch_phi(qq, w, fmap, scale, True, mask)
-        log_scale = None
-        if fmap == PERFORMER:  # per-key stabilizer, as FeatureMap.causal_key_features
-            xs = kk.float() * scale**0.5
-            u = xs @ w.t() - 0.5 * (xs * xs).sum(-1, keepdim=True)  # (B, Hkv, N, m)
-            log_scale = u.detach().amax(-1)  # (B, Hkv, N)
-            pk = torch.exp(u - log_scale[..., None]) * w.shape[0] ** -0.5
-        else:
-            pk = _torch_phi(kk, w, fmap, scale, False, mask)
-        out = causal_kernel_attention(pq, pk, vv, key_padding_mask=mask, eps=eps,
-                                      key_log_scale=log_scale)
-        dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), dout.float())
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 __all__ = ["triton_attention_core", "FlurkaCoreFunction", "FlurkaCausalCoreFunction",

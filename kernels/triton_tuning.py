@@ -102,4 +102,16 @@ def causal_configs() -> list[triton.Config]:
                                        (32, 128, 8, 2)]])
 
 
+def causal_bwd_configs() -> list[triton.Config]:
+    """The three causal backward kernels (dq, dk, dv): the chunk is fixed by the launcher;
+    features, value columns. They hold two C x C fp32 tiles next to the q and k tiles, hence
+    smaller feature blocks and less pipelining than the forward (untuned: no GPU measurement
+    yet)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_F": 32, "BLOCK_DV": 32}, num_warps=1, num_stages=1)]
+    return _select([triton.Config({"BLOCK_F": f, "BLOCK_DV": v}, num_warps=w, num_stages=s)
+                    for f, v, w, s in [(32, 64, 4, 2), (64, 64, 4, 1), (32, 64, 8, 2),
+                                       (64, 128, 8, 1), (32, 32, 4, 1)]])
+
+
 PRUNE = {"early_config_prune": _prune}
