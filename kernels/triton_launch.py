@@ -239,8 +239,11 @@ def noncausal_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor 
     wt = w.contiguous().float() if w is not None else q.new_empty(0, dtype=torch.float32)
     m, sqrt_s, mfac = _consts(fmap, w, dh, scale)
     delta = (do3.float() * o3.float()).sum(-1)  # (BH, R)
-    aq = 1.0 / den
-    bq = -delta / den
+    # a row whose keys are all padding has out = 0 / eps and no gradient path: drop it
+    # (a = 1/eps would overflow a 16-bit dot operand), as in causal_backward
+    seen = (maskf.amax(-1, keepdim=True) > 0).expand(BH, R)
+    aq = torch.where(seen, 1.0 / den, 0.0).contiguous()
+    bq = torch.where(seen, -delta / den, 0.0).contiguous()
     S, z = S.view(BH, m, dv), z.view(BH, m)
     # phi(q) carries no m^-1/2 (performer: a softmax over features, cq its log-sum-exp)
     dS, dz = launch_state(q3, do3, aq, bq, cq, wt, fmap=fmap, m=m, sqrt_s=sqrt_s, mfac=1.0)

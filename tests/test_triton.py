@@ -117,6 +117,27 @@ def test_low_precision_forward_backward(fmap: str, dtype: torch.dtype, causal: b
         assert rel_err(a, b) < 2 * TOL_LOWP[dtype], f"{name}: {rel_err(a, b):.2e}"
 
 
+@pytest.mark.parametrize("fmap", ["performer", "rnn"])
+def test_fp16_noncausal_backward_with_a_fully_padded_row(fmap: str) -> None:
+    """A batch row whose keys are all padding has out = 0 / eps: its 1/eps must not overflow
+    the fp16 dot operands (it did: NaN dk). Oracle: dk, dv of that row exactly 0, every
+    gradient finite, the other row equal to the fp32 reference (fp16 tolerance as above)."""
+    shape = SHAPES["gqa-mask-n37-d20"]
+    fm = make_map(fmap, shape)
+    q, k, v, mask = make_inputs(shape, causal=False, dtype=torch.float16)
+    mask[0] = False
+    out = triton_attention_core(q, k, v, feature_map=fm, key_padding_mask=mask)
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    ref = attention_core(q32, k32, v32, feature_map=fm, key_padding_mask=mask)
+    dout = torch.randn_like(ref)
+    g_tri = torch.autograd.grad(out, (q, k, v), dout.half())
+    g_ref = torch.autograd.grad(ref, (q32, k32, v32), dout)
+    for name, a, b in zip(["dq", "dk", "dv"], g_tri, g_ref):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a[1], b[1]) < 2 * TOL_LOWP[torch.float16], f"{name}: {rel_err(a[1], b[1]):.2e}"
+    assert (g_tri[1][0] == 0).all() and (g_tri[2][0] == 0).all()
+
+
 # Causal scan edge cases, (B, H, Hkv, N, dh, dv, mask kind, key growth). Under the interpreter
 # the chunk is 16: "lead" pads all of chunk 0 and part of chunk 1 of batch 0 (the scan starts
 # from empty states, the performer's running max from -1e30) with N = 3 whole chunks and key
