@@ -17,6 +17,7 @@ All formulas are documented per term in docs/cost_model.md.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from flurka_rewrite.kernels.feature_maps import default_performer_features
@@ -232,6 +233,16 @@ def _causal_stabilized_flops(
     t.elem += nc * elem
 
 
+def _env_calibration() -> object | None:
+    """The calibration FLURKA_CALIBRATION opts into (passes/calibration.py), or None when the
+    variable is unset: the default ranking is by FLOPs and imports nothing more."""
+    if not os.environ.get("FLURKA_CALIBRATION", "").strip():
+        return None
+    from .calibration import from_env  # it imports this module: import lazily
+
+    return from_env()
+
+
 @dataclass(frozen=True)
 class Choice:
     """The cost model's decision for one site: kernel, dk (None: no low-rank), features m
@@ -269,6 +280,7 @@ def choose(
     *, kernel: str, dk: int | str | None, num_features: int | None, B: int, N: int, M: int,
     H: int, Hkv: int, dh: int, dm: int | None, causal: bool, hoistable: bool,
     min_dk: int = 64, pretrained: bool = True, padding_mask: bool = False,
+    calibration: object | None = None,
 ) -> Choice:
     """Resolve ``"auto"`` for ``kernel`` and/or ``dk`` at one site (DESIGN section 4).
 
@@ -280,6 +292,10 @@ def choose(
     ties going to the earlier one. FLOPs: ``site_flops`` with projections when dm is known,
     hoisted when ``hoistable`` and low-rank; ``padding_mask``: the site has key padding. The
     reason string is shown in the report.
+
+    ``calibration`` (a ``passes.calibration.Calibration``; default: the one the environment
+    variable FLURKA_CALIBRATION opts into, else none): rank the candidates by its predicted
+    seconds instead of FLOPs (``Choice.flops`` stays the FLOP count). Without one, FLOPs.
     """
     if kernel != "auto" and kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of "
@@ -323,10 +339,21 @@ def choose(
         configs = [(k, d) for k in pool for d in ([None] if k == "softmax" else dk_options())]
     else:
         configs = [(kernel, d) for d in dk_options()]
-    costs = [cost(k, d) for k, d in configs]
+    flop_costs = [cost(k, d) for k, d in configs]
+    if calibration is None and len(configs) > 1:
+        calibration = _env_calibration()
+    calibrated = calibration is not None and len(configs) > 1
+
+    def seconds(k: str, d: int | None) -> float:  # passes/calibration.py
+        return calibration.site_seconds(
+            kernel=k, dk=d, B=B, N=N, M=M, H=H, Hkv=Hkv, dh=dh, dm=dm,
+            num_features=features_used(k, dh, num_features), causal=causal, hoisted=hoist(d),
+            projections=dm is not None, padding_mask=padding_mask)
+
+    costs = [seconds(k, d) for k, d in configs] if calibrated else flop_costs
     best = min(range(len(configs)), key=lambda i: (costs[i], i))  # ties: earlier wins
     k, d = configs[best]
-    flops = costs[best]
+    flops = flop_costs[best]
     full = cost("softmax", None)
     label = _label(k, d, hoist(d))
     if kernel == "auto" or dk == "auto":
@@ -335,7 +362,7 @@ def choose(
             head = f"auto: full softmax kept, the cheapest at {at}"
             if runner:
                 j = min(runner, key=lambda i: costs[i])
-                more = costs[j] / max(flops, 1)
+                more = costs[j] / (costs[best] or 1)
                 head += (f" ({_label(*configs[j], hoist(configs[j][1]))} would cost "
                          f"{more:.2f}x as much)" if more < 1.1 else
                          f" ({_label(*configs[j], hoist(configs[j][1]))} would cost "
@@ -349,6 +376,9 @@ def choose(
             head += f"; dk={d} is the cheapest in [min_dk={min_dk}, M/2={M // 2}]"
         elif dk == "auto" and not causal and M // 2 >= min_dk:
             head += f"; no dk in [min_dk={min_dk}, M/2={M // 2}] is cheaper than dk=None"
+        if calibrated:
+            head += (f"; ranked by measured calibration: {1e3 * costs[best]:.3g} ms predicted "
+                     f"(full softmax {1e3 * seconds('softmax', None):.3g} ms)")
     else:
         what = "exact" if k == "softmax" and d is None else _ratio_text(flops, full)
         head = f"{label} as asked: {what} at {at}"
