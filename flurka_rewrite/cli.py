@@ -266,6 +266,11 @@ def _compile(loaded: LoadedModel, inputs: Any, options: dict[str, Any], dry_run:
         raise ConversionError(f"conversion of {name} failed: {type(e).__name__}: "
                               f"{_one_line(e)}") from e
     if not report.sites:
+        from flurka_rewrite.attention import FlurkaAttention
+        if any(isinstance(m, FlurkaAttention) for m in loaded.module.modules()):
+            raise NoAttentionError(f"{name} is already converted (it holds FlurkaAttention "
+                                   "modules) and has no softmax attention left to rewrite; "
+                                   "convert the original model instead")
         raise NoAttentionError(f"no attention found in {name}: nothing to rewrite")
     return report, new_model
 

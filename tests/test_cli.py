@@ -330,3 +330,18 @@ def test_model_without_attention_exits_6(files, tmp_path, capsys) -> None:
                          "--dk", "none", "--kernel", "relu")
     assert rc == 6 and "no attention found" in err
     assert os.listdir(tmp_path) == []
+
+
+@needs_compiler
+def test_already_converted_model_exits_6_and_says_so(files, tmp_path, capsys) -> None:
+    """Converting a converted model again: nothing to rewrite, and the error says why (the
+    oracle: the first conversion's output file, written by this same CLI)."""
+    first = str(tmp_path / "once.pt")
+    shape = ["--example-shape", f"2,{N_EXAMPLE}", "-q", "--kernel", "relu", "--dk", "32"]
+    rc, _, err = run_cli(capsys, files["full.pt"], "--trust-pickle", "-o", first, *shape)
+    assert rc == 0, err
+    assert len(torch.load(first, weights_only=False).flurka_report.rewritten) == DEMO_SITES
+    rc, _, err = run_cli(capsys, first, "--trust-pickle", "-o", str(tmp_path / "twice.pt"),
+                         *shape)
+    assert rc == 6 and "already converted" in err and "original model" in err
+    assert sorted(os.listdir(tmp_path)) == ["once.pt"]
