@@ -22,8 +22,8 @@ true fastest. The same is reported for the decision that ``kernel="auto"`` makes
 dk (its candidates: full, kernel, flurka; it never picks Linformer).
 
 FLOPs price every operation alike; the clock does not (an exp costs tens of GEMM FLOPs, the
-pool E is applied in 32-row bands), and the FLOP ranking's misses are systematic: it picks
-performer FLuRKA over Linformer at dk > m where Linformer is measured faster. So the same
+pool E is applied in 32-row bands), and the FLOP ranking's few misses lean one way: it picks
+performer FLuRKA over Linformer at the largest dk where Linformer is measured faster. So the same
 rankings are also scored with the measured calibration (``passes/calibration.py``: seconds per
 GEMM FLOP, per elementwise op, per exp, per SDPA FLOP, fitted on its own small set of layers,
 not on this grid, and cached), the model behind ``FLURKA_CALIBRATION=1`` for

@@ -3,7 +3,7 @@
 ``site_flops`` counts every FLOP alike, but on a CPU an exp costs far more than a multiply-add
 inside a GEMM, SDPA runs at its own rate, and the ``pool`` E is applied band by band (dk/32
 fewer FLOPs than the dense count). ``benchmarks/cost_model_check.py`` measured the effect: the
-FLOP ranking systematically favours the performer map (see docs/benchmarks.md). This module
+FLOP ranking's misses favour the performer map at large dk (see docs/benchmarks.md). This module
 splits a site's work into four categories and prices each with a constant measured on this
 machine:
 
