@@ -35,7 +35,8 @@ EXIT_CODES = {
     4: "pickled model refused: unpickling can run arbitrary code (see --trust-pickle)",
     5: "the input holds weights (a state_dict), not a model",
     6: "no attention found in the model",
-    7: "conversion failed (or the converted model could not be exported)",
+    7: "conversion failed, every attention site was skipped, or the converted model could "
+       "not be exported",
     8: "output exists (use --force) or is the input (never overwritten)",
     9: "a needed optional package is missing (e.g. transformers for a Hugging Face directory)",
     130: "interrupted",
@@ -299,15 +300,25 @@ def run(args: argparse.Namespace) -> int:
     progress.step(f"{'planning' if args.dry_run else 'converting'} "
                   f"{type(loaded.module).__name__} (kernel={args.kernel}, dk={args.dk})")
     report, new_model = _compile(loaded, inputs, options, args.dry_run)
+    if new_model is not None and not report.rewritten:
+        print(report)  # the reasons, one per site
+        raise ConversionError(
+            f"all {len(report.sites)} attention sites were skipped (reasons in the report "
+            "above), so nothing was written"
+            + ("; most often the fix is example inputs: pass --example-shape B,N"
+               if inputs is None else ""))
     err = None
     if new_model is not None:
-        progress.step("measuring the converted model on the example inputs")
         if inputs is not None:
+            progress.step("measuring the converted model on the example inputs")
             try:
                 err = end_to_end_error(loaded.module, new_model, inputs)
             except Exception as e:  # noqa: BLE001
                 raise ConversionError(f"the converted model fails on the example inputs: "
                                       f"{type(e).__name__}: {_one_line(e)}") from e
+        else:
+            progress.step("not measured: no example inputs (pass --example-shape B,N to "
+                          "measure the converted model's error)")
     measured = None if err is None else (
         f"end-to-end: relative error of the model output on the example inputs = {err:.3e}")
     print(report if measured is None else f"{report}\n{measured}")

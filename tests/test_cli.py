@@ -185,7 +185,10 @@ def test_directory_and_onnx_outputs(tmp_path, capsys) -> None:
     (fake_compiler(sites=[]), 6, "no attention found"),
     (fake_compiler(exc=RuntimeError("boom\nsecond line")), 7, "RuntimeError: boom second line"),
     (fake_compiler(exc=ValueError("dk=64 needs max_seq_len")), 2, "dk=64 needs max_seq_len"),
-], ids=["empty-report", "compiler-crash", "compiler-value-error"])
+    (fake_compiler(sites=[SiteReport(path="blocks.0.attn:softmax", pattern="p", status="skipped",
+                                     reason="mask varies per query")]),
+     7, "all 1 attention sites were skipped"),
+], ids=["empty-report", "compiler-crash", "compiler-value-error", "all-skipped"])
 def test_compiler_outcomes_map_to_exit_codes(compiler, code, words, files, tmp_path, capsys,
                                              monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "flurka_rewrite.convert", compiler)
@@ -345,3 +348,14 @@ def test_already_converted_model_exits_6_and_says_so(files, tmp_path, capsys) ->
                          *shape)
     assert rc == 6 and "already converted" in err and "original model" in err
     assert sorted(os.listdir(tmp_path)) == ["once.pt"]
+
+
+@needs_compiler
+def test_all_sites_skipped_writes_nothing_and_names_the_fix(files, tmp_path, capsys) -> None:
+    """A pickled model without --example-shape: the real compiler cannot tell the demo's mask
+    kind, skips both sites, and the CLI refuses to write an unconverted copy (exit 7)."""
+    rc, out, err = run_cli(capsys, files["full.pt"], "--trust-pickle", "-o",
+                           str(tmp_path / "o.pt"), "-q", "--dk", "none")
+    assert rc == 7 and "were skipped" in err and "--example-shape" in err
+    assert out.count(" skipped ") >= DEMO_SITES  # the report with the reasons is printed
+    assert os.listdir(tmp_path) == []
