@@ -257,7 +257,9 @@ def _compile(loaded: LoadedModel, inputs: Any, options: dict[str, Any], dry_run:
         if dry_run:
             report, new_model = plan(loaded.module, example_inputs=inputs, **options), None
         else:
-            new_model = convert(loaded.module, example_inputs=inputs, **options)
+            with warnings.catch_warnings():  # the CLI says it itself, as its one error line
+                warnings.filterwarnings("ignore", message="convert: all .* were skipped")
+                new_model = convert(loaded.module, example_inputs=inputs, **options)
             report = new_model.flurka_report
     except CliError:
         raise

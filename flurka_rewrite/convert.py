@@ -9,6 +9,7 @@ Each step returns its decisions on the ``Site`` objects; the report is assembled
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -23,6 +24,11 @@ from flurka_rewrite.passes.mha import FlurkaMultiheadAttention
 from flurka_rewrite.passes.static_plan import analyse_static
 from flurka_rewrite.passes.graph_nx import site_region, to_digraph
 from flurka_rewrite.report import RewriteReport, SiteReport, digraph_from_fx
+
+class AllSitesSkippedWarning(UserWarning):
+    """``convert`` found attention but rewrote none of it: the model it returns computes the
+    original attention. The report's ``reason`` column says why for each site."""
+
 
 _OPTION_NAMES = ("kernel", "dk", "num_features", "backend", "seed", "filter_fn", "inplace",
                  "e_init", "max_seq_len", "hoist")
@@ -175,7 +181,14 @@ def convert(
     ``RewriteConfig``)."""
     cfg = RewriteConfig(kernel=kernel, dk=dk, num_features=num_features, backend=backend,
                         seed=seed, filter_fn=filter_fn, inplace=inplace, **options)
-    new, _ = _run(model, cfg, example_inputs, build=True)
+    new, report = _run(model, cfg, example_inputs, build=True)
+    if report.sites and not report.rewritten:
+        hint = (" (most often: pass example_inputs)"
+                if _example_inputs(model, example_inputs) is None else "")
+        warnings.warn(f"convert: all {len(report.sites)} attention sites of "
+                      f"{report.model} were skipped, so the returned model computes the "
+                      f"original attention; print(model.flurka_report) for the reasons{hint}",
+                      AllSitesSkippedWarning, stacklevel=2)
     return new
 
 

@@ -177,3 +177,18 @@ def test_converted_model_pickles_and_deepcopies() -> None:
         assert not torch.allclose(ref, case.model(*case.inputs))  # the rewrite is in use
         torch.testing.assert_close(loaded(*case.inputs), ref, atol=0, rtol=0)
         torch.testing.assert_close(copy.deepcopy(new)(*case.inputs), ref, atol=0, rtol=0)
+
+
+def test_convert_warns_when_every_site_is_skipped() -> None:
+    """dk=64 without max_seq_len is illegal for the one site (the report's reason, tested
+    above), so convert returns the original attention: it must say so, not stay silent; a
+    partial or full rewrite does not warn."""
+    import warnings
+
+    case = build("sdpa_padding")
+    with pytest.warns(fr.AllSitesSkippedWarning, match="all 1 attention sites .* skipped"):
+        new = fr.convert(case.model, kernel="rnn", dk=64, example_inputs=case.inputs)
+    assert [s.status for s in new.flurka_report.sites] == ["skipped"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fr.AllSitesSkippedWarning)
+        fr.convert(case.model, kernel="rnn", dk=64, max_seq_len=128, example_inputs=case.inputs)
