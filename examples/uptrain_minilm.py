@@ -29,11 +29,12 @@ sentence's nearest other held-out sentence is the same under both models):
    model's sentence embeddings match the original's (loss 1 - cosine, plus a small
    hidden-state term) on the training sentences; the word embeddings stay frozen.
 
-Why no low-rank projection (``dk=None``) by default: these sentences are at most 48 tokens,
-where a projection along the sequence saves nothing (the cost model's ``dk="auto"`` uses no
-low rank below 128 keys, and ``kernel="auto"`` keeps full softmax at 48) and costs accuracy. Measured with this script's schedule, ``dk=32`` reaches a
-held-out cosine of 0.959 against 0.976 without it (docs/uptraining.md). FLuRKA's low rank pays
-off on long sequences (README, end-to-end benchmark); pass ``dk`` in ``Config`` to try it.
+Why no low-rank projection (``dk=None``) by default: these sentences are truncated to 48
+tokens, where a projection along the sequence saves nothing (the cost model's ``dk="auto"``
+uses no low rank below 128 keys, and ``kernel="auto"`` keeps full softmax at 48) and costs
+accuracy: with this script's schedule, ``dk=32`` reaches a held-out cosine of 0.959 against
+0.976 without it (docs/uptraining.md). FLuRKA's low rank pays off on long sequences (README,
+end-to-end benchmark); pass ``dk`` in ``Config`` to try it.
 """
 from __future__ import annotations
 
@@ -325,7 +326,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # 1. convert: every attention site becomes FLuRKA (rank dk along the sequence + kernel)
     new = fr.convert(model, kernel=cfg.kernel, dk=cfg.dk, num_features=cfg.num_features,
-                     example_inputs={k: v[:cfg.batch] for k, v in train_ids.items()}, max_seq_len=cfg.max_len, seed=cfg.seed)
+                     example_inputs={k: v[:cfg.batch] for k, v in train_ids.items()},
+                     max_seq_len=cfg.max_len, seed=cfg.seed)
     print(new.flurka_report)
     figures = measure("before", new)
     t1 = time.perf_counter()

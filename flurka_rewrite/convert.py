@@ -25,6 +25,7 @@ from flurka_rewrite.passes.static_plan import analyse_static
 from flurka_rewrite.passes.graph_nx import site_region, to_digraph
 from flurka_rewrite.report import RewriteReport, SiteReport, digraph_from_fx
 
+
 class AllSitesSkippedWarning(UserWarning):
     """``convert`` found attention but rewrote none of it: the model it returns computes the
     original attention. The report's ``reason`` column says why for each site."""
