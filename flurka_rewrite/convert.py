@@ -17,13 +17,11 @@ import torch
 import torch.nn as nn
 
 from flurka_rewrite.config import RewriteConfig
-from flurka_rewrite.passes.install import install
-from flurka_rewrite.passes.plan_sites import Unit, analyse, decide
-from flurka_rewrite.passes.rewrite import build_attention, rel_error, rewrite_site
-from flurka_rewrite.passes.mha import FlurkaMultiheadAttention
+from flurka_rewrite.passes.apply import NOT_VERIFIED, apply_all
+from flurka_rewrite.passes.plan_sites import analyse, decide
+from flurka_rewrite.passes.probe import capture_example, padded_probe
 from flurka_rewrite.passes.static_plan import analyse_static
-from flurka_rewrite.passes.graph_nx import site_region, to_digraph
-from flurka_rewrite.report import RewriteReport, SiteReport, digraph_from_fx
+from flurka_rewrite.report import RewriteReport, SiteReport
 
 
 class AllSitesSkippedWarning(UserWarning):
@@ -67,6 +65,7 @@ def _row(site, choice=None) -> SiteReport:
         r.reason = "; ".join(site.notes_for_report) or None
     else:
         r.flops_before = site.flops_before
+    r.verified = site.verified
     return r
 
 
@@ -77,88 +76,31 @@ def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
     was_training = target.training
     target.eval()
     try:
-        units = analyse(target, ex, cfg) if ex is not None else analyse_static(target, cfg)
+        if ex is not None:
+            cap = capture_example(target, ex)
+            units = analyse(target, cap, cfg, padded_probe(target, cap))
+        else:
+            units = analyse_static(target, cfg)
         sites = [s for u in units for s in u.sites]
         decide(target, sites, cfg)
         if build:
-            for u in units:
-                _apply(u, cfg)
+            apply_all(units, cfg, verify=ex is not None)
+        if ex is None:
+            for s in sites:
+                if s.ok:
+                    s.notes_for_report.append(NOT_VERIFIED)
     finally:
         target.train(was_training)
     report = RewriteReport(sites=[_row(s) for s in sorted(sites, key=lambda s: s.index)],
                            model=type(model).__name__, config=_config_dict(cfg))
     for s in sites:
-        if getattr(s, "graphs", None) and all(x is not None for x in s.graphs):
+        if s.ok and s.graphs and all(x is not None for x in s.graphs):
             report.graphs[s.path] = s.graphs
     if build:
         target.flurka_report = report
         if ex is not None:
             target.flurka_example_inputs = ex
     return target, report
-
-
-def _apply(u: Unit, cfg: RewriteConfig) -> None:
-    legal = [s for s in u.sites if s.ok]
-    if not legal:
-        return
-    if u.kind == "mha":
-        s = legal[0]
-        attn = _attn_for(s, cfg)
-        new = FlurkaMultiheadAttention(u.module, attn, cfg.hoist)
-        s.hoisted = new.hoist
-        s.rel_error = u.mha_rel_error(new) if u.call != ((), {}) else None
-        parent_path, _, name = u.path.rpartition(".")
-        parent = u.root.get_submodule(parent_path) if parent_path else u.root
-        setattr(parent, name, new)
-        return
-    for s in legal:
-        attn = _attn_for(s, cfg)
-        s.rel_error = rel_error(s, u.values, attn) if u.values else None
-        name = f"flurka_{s.index}"
-        before = _picture_before(u, s)
-        old_nodes = set(u.gm.graph.nodes)
-        s.hoisted = rewrite_site(u.gm, s, name, attn, cfg.hoist)
-        s.graphs = (before, _picture_after(u, s, old_nodes))
-    u.gm.recompile()
-    install(u.module, u.gm)
-
-
-def _inputs(s) -> list:
-    return [n for n in (s.q, s.k, s.v, s.mask) if isinstance(n, torch.fx.Node)]
-
-
-def _picture_before(u: Unit, s) -> Any:
-    """networkx picture of the site's region before rewriting (report.graphs)."""
-    try:
-        g = to_digraph(u.gm.graph)
-        names = site_region(g, _inputs(s), s.output) | {n.name for n in _inputs(s)}
-        kinds = {n.name: "input" for n in _inputs(s)}
-        kinds[s.output.name] = "output"
-        nodes = [n for n in u.gm.graph.nodes if n.name in names]
-        return digraph_from_fx(nodes, kinds={n.name: kinds.get(n.name, "site") for n in nodes})
-    except Exception:  # noqa: BLE001 - pictures are informative only
-        return None
-
-
-def _picture_after(u: Unit, s, old_nodes: set) -> Any:
-    """The nodes the rewrite added, with the site inputs they read."""
-    try:
-        new = [n for n in u.gm.graph.nodes if n not in old_nodes]
-        ins = [n for n in _inputs(s) if n in set(u.gm.graph.nodes)]
-        kinds = {n.name: "flurka" for n in new}
-        kinds.update({n.name: "input" for n in ins})
-        return digraph_from_fx(ins + new, kinds=kinds)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _attn_for(s, cfg: RewriteConfig):
-    attn = build_attention(s, kernel=s.kernel, dk=s.dk, num_features=s.num_features,
-                           max_seq_len=s.max_seq_len, seed=cfg.seed + 7919 * s.index,
-                           e_init=cfg.e_init, backend=cfg.backend)
-    s.num_features = attn.num_features
-    s.params_added = sum(p.numel() for p in attn.parameters())
-    return attn
 
 
 def convert(

@@ -47,6 +47,11 @@ class SiteReport:
     flops_after: int | None = None
     params_added: int | None = None
     rel_error: float | None = None  # measured on the example inputs, when given
+    # True: the rewrite's exact twin reproduced the original unit on the example inputs (and
+    # on the padded probe); False: it did not, and the unit was rolled back (see reason);
+    # None: not run (planned without example inputs, or the site was skipped before).
+    verified: bool | None = None
+    window: int | None = None  # sliding-window size of exact softmax beside the kernel part
 
 
 @dataclass
@@ -143,7 +148,7 @@ class RewriteReport:
 
 # -- cells -------------------------------------------------------------------------------
 COLUMNS = ("path", "pattern", "status", "kernel", "dk", "m", "N", "heads", "causal", "mask",
-           "hoisted", "FLOPs before->after (ratio)", "rel_error", "reason")
+           "hoisted", "FLOPs before->after (ratio)", "rel_error", "verified", "reason")
 
 
 def _cell(value: Any) -> str:
@@ -188,7 +193,8 @@ def _site_cells(s: SiteReport) -> list[str]:
     err = "-" if s.rel_error is None else f"{s.rel_error:.2e}"
     return [s.path, s.pattern, s.status, _cell(s.kernel), _cell(s.dk), _cell(s.num_features), n,
             heads, _cell(s.causal), _cell(s.mask), _cell(s.hoisted),
-            format_flops_change(s.flops_before, s.flops_after), err, _cell(s.reason)]
+            format_flops_change(s.flops_before, s.flops_after), err, _cell(s.verified),
+            _cell(s.reason)]
 
 
 def _total_flops(sites: Iterable[SiteReport]) -> tuple[int, int]:

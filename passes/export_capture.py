@@ -33,6 +33,7 @@ def _auto_dims(x: Any) -> Any:
 
 
 _PRIMITIVE = (type(None), bool, int, float, str)
+OPAQUE = "<flurka: an object, not checked>"  # _guard's expected value for non-primitives
 _HARMLESS = {"use_cache", "return_dict"}  # flags that do not change what the site computes
 
 
@@ -52,9 +53,18 @@ def _guard(value: Any, expected: Any, name: str, where: str) -> Any:
                 "generate() with use_cache=False")
         seen.add(where)
         return value
-    if name in _HARMLESS or not isinstance(expected, _PRIMITIVE) or expected is None and \
-            not isinstance(value, _PRIMITIVE):
+    if name in _HARMLESS or (isinstance(expected, str) and expected == OPAQUE):
         return value
+    if expected is None and isinstance(value, torch.Tensor) and torch.compiler.is_exporting():
+        # Under torch.export (ONNX export of the converted model) Hugging Face builds an
+        # all-ones mask where eager code passes None; a unit that can receive a real mask
+        # there was captured with one too (passes/probe.py) and never reaches this guard.
+        return value
+    if expected is None and value is not None:
+        raise RuntimeError(
+            f"{where}: flurka-rewrite captured this module with {name}=None but it was called "
+            f"with a {type(value).__name__} there, which the captured graph would ignore; "
+            f"convert the model again with example inputs that pass {name}")
     if value is not expected and value != expected:
         raise RuntimeError(
             f"{where}: flurka-rewrite captured this module with {name}={expected!r} but it was "
@@ -176,7 +186,7 @@ def _from_export(module: nn.Module, ep: Any, consts: dict, sig: inspect.Signatur
         return g.call_method("get", (ph[var_kw], key))
 
     for key, val in consts.items():  # guard every constant argument
-        expected = val if isinstance(val, _PRIMITIVE) else None
+        expected = val if isinstance(val, _PRIMITIVE) else OPAQUE
         g.call_function(_guard, (arg_node(key), expected, key, where))
     # user inputs in export order
     n_user = len(sig_e.user_inputs)

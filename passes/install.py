@@ -3,20 +3,40 @@
 The module keeps its identity, parameters and names; its class becomes a subclass of the
 original class (same name) whose ``forward`` is the graph's generated code, so a
 BertSelfAttention is still a BertSelfAttention. Instances pickle (``torch.save``) and deep-copy:
-they reduce to (original class, imports, source, extra globals, state) and are rebuilt by
+they reduce to (original class, code variants, dispatch keys, state) and are rebuilt by
 ``_rebuild``. An ``fx.GraphModule`` (e.g. a loaded torch.export program) gets the new graph.
+
+Variants: a module captured twice, once with an optional tensor argument absent (``None``, e.g.
+Hugging Face passes ``attention_mask=None`` for a batch without padding) and once with it given
+(the padded probe), gets both graphs; ``forward`` runs the second one whenever any of the
+``when_given`` arguments is not None. ``choose_variant`` is that rule, shared with verification.
 """
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
 
-def install(module: nn.Module, gm: GraphModule) -> None:
-    """Make ``gm``'s code the forward of ``module`` (class becomes a subclass of the original)."""
+def _code(gm: GraphModule) -> tuple[str, str, dict[str, Any]]:
+    """(imports, source, extra globals) of ``gm``'s forward, rooted at ``self``."""
+    from torch.fx.graph_module import _format_import_statement
+    from torch.package import sys_importer
+    code = gm.graph.python_code(root_module="self")
+    lines, extra = [], {}
+    for name, obj in code.globals.items():  # import what can be imported, keep the rest
+        try:
+            lines.append(_format_import_statement(name, obj, sys_importer))
+        except Exception:  # noqa: BLE001
+            extra[name] = obj
+    return "\n".join(sorted(set(lines))), code.src, extra
+
+
+def _adopt(module: nn.Module, gm: GraphModule) -> None:
+    """Give ``module`` the FlurkaAttention children and tensor constants ``gm`` refers to."""
     for name, child in gm.named_children():
         if name.startswith("flurka_") and not hasattr(module, name):
             module.add_module(name, child)
@@ -27,40 +47,83 @@ def install(module: nn.Module, gm: GraphModule) -> None:
                 module.register_buffer(n.target, val, persistent=False)
             else:
                 setattr(module, n.target, val)
+
+
+def install(module: nn.Module, gm: GraphModule, given: GraphModule | None = None,
+            when_given: Sequence[str] = ()) -> None:
+    """Make ``gm``'s code the forward of ``module`` (class becomes a subclass of the original).
+    With ``given``: that graph runs instead whenever an argument named in ``when_given`` is
+    not None (see the module docstring)."""
+    _adopt(module, gm)
+    if given is not None:
+        _adopt(module, given)
     if isinstance(module, GraphModule):  # an FX / torch.export module: replace its graph,
+        if given is not None:
+            raise ValueError("a GraphModule cannot hold two graph variants")
         module.graph = gm.graph  # so that code reading .graph (torch.export) sees the rewrite
         module.recompile()
         return
-    from torch.fx.graph_module import _format_import_statement
-    from torch.package import sys_importer
-    code = gm.graph.python_code(root_module="self")
-    lines, extra = [], {}
-    for name, obj in code.globals.items():  # import what can be imported, keep the rest
-        try:
-            lines.append(_format_import_statement(name, obj, sys_importer))
-        except Exception:  # noqa: BLE001
-            extra[name] = obj
+    variants = [_code(gm)] + ([_code(given)] if given is not None else [])
     base = getattr(type(module), "_flurka_base", type(module))
-    module.__class__ = _rewritten_class(base, "\n".join(sorted(set(lines))), code.src, extra)
+    module.__class__ = _rewritten_class(base, variants, tuple(when_given))
 
 
-def _rewritten_class(base: type, imports: str, src: str, extra: dict[str, Any]) -> type:
+def _argument(bound: inspect.BoundArguments, name: str) -> Any:
+    if name in bound.arguments:
+        return bound.arguments[name]
+    for pname, p in bound.signature.parameters.items():
+        if p.kind == p.VAR_KEYWORD and pname in bound.arguments:
+            return bound.arguments[pname].get(name)
+    return None
+
+
+def choose_variant(forward: Any, when_given: Sequence[str], args: tuple, kwargs: dict) -> int:
+    """0 (the first graph) or 1 (the ``given`` graph) for a call of ``forward(*args,
+    **kwargs)``: 1 when any argument named in ``when_given`` is not None."""
+    if not when_given:
+        return 0
+    bound = inspect.signature(forward).bind(*args, **kwargs)
+    return int(any(_argument(bound, n) is not None for n in when_given))
+
+
+def _rewritten_class(base: type, variants: list[tuple[str, str, dict[str, Any]]],
+                     when_given: tuple[str, ...]) -> type:
     """Subclass of ``base`` whose forward is the rewritten graph's code (picklable: the
-    instance pickles as (base, imports, src, extra globals, state), see ``_rebuild``)."""
-    glb: dict[str, Any] = dict(extra)
-    exec(compile(imports + "\n" + src, f"<flurka {base.__name__}>", "exec"), glb)  # noqa: S102
+    instance pickles as (base, variants, when_given, state), see ``_rebuild``)."""
+    fns = []
+    for imports, src, extra in variants:
+        glb: dict[str, Any] = dict(extra)
+        exec(compile(imports + "\n" + src, f"<flurka {base.__name__}>", "exec"), glb)  # noqa: S102
+        fns.append(glb["forward"])
+    if len(fns) == 1:
+        forward = fns[0]
+    else:
+        main, given = fns
+        sig_fn = base.forward
+
+        def forward(self, *args, **kwargs):  # noqa: ANN001, ANN202 - same call as the original
+            if choose_variant(sig_fn, when_given, (self, *args), kwargs):
+                return given(self, *args, **kwargs)
+            return main(self, *args, **kwargs)
 
     def __reduce_ex__(self, protocol):  # noqa: N807
-        return (_rebuild, (base, imports, src, extra, self.__dict__))
+        return (_rebuild, (base, variants, when_given, self.__dict__))
 
     return type(base.__name__, (base,), {
-        "forward": glb["forward"], "_flurka_base": base, "_flurka_code": src,
+        "forward": forward, "_flurka_base": base, "_flurka_code": variants[0][1],
+        "_flurka_when_given": when_given,
         "__module__": base.__module__, "__reduce_ex__": __reduce_ex__})
 
 
-def _rebuild(base: type, imports: str, src: str, extra: dict, state: dict) -> nn.Module:
-    """Unpickle a rewritten module (see ``_rewritten_class``)."""
-    cls = _rewritten_class(base, imports, src, extra)
+def _rebuild(base: type, *rest: Any) -> nn.Module:
+    """Unpickle a rewritten module (see ``_rewritten_class``). ``rest`` is (variants,
+    when_given, state), or (imports, src, extra, state) as pickled by version 0.1.0."""
+    if len(rest) == 4:  # 0.1.0: one variant
+        imports, src, extra, state = rest
+        variants, when_given = [(imports, src, extra)], ()
+    else:
+        variants, when_given, state = rest
+    cls = _rewritten_class(base, variants, tuple(when_given))
     obj = cls.__new__(cls)
     obj.__dict__.update(state)
     return obj

@@ -42,6 +42,10 @@ class Unit:
     sites: list[Site] = field(default_factory=list)
     how: str = ""
     call: tuple = ((), {})
+    checks: list = field(default_factory=list)  # calls to verify on: the example's, the probe's
+    leaves: set = field(default_factory=set)  # ids of inner units' modules (kept as calls)
+    given: "Unit | None" = None  # the capture with ``when_given`` set (passes/install.py)
+    when_given: tuple = ()
 
     def mha_rel_error(self, new: nn.Module) -> float | None:
         """|new - original| / |original| of an MHA replacement on the recorded call."""
@@ -74,11 +78,12 @@ def _learned(gm: GraphModule) -> set[str]:
     return names
 
 
-def _capture(model: nn.Module, path: str, disc: Discovery, exact: bool, leaves: set[int],
-             cache: dict, depth: int = 0) -> Unit:
+def _capture_at(model: nn.Module, path: str, call: tuple[tuple, dict], exact: bool,
+                leaves: set[int], cache: dict) -> Unit:
+    """Capture, match and check the module at ``path`` for one recorded call."""
     module = model.get_submodule(path) if path else model
-    args, kwargs = disc.inputs[path]
-    unit = Unit(path, module, model, "graph", call=(args, kwargs))
+    args, kwargs = call
+    unit = Unit(path, module, model, "graph", call=(args, kwargs), leaves=leaves)
     try:
         cap = capture_module(path, module, args, kwargs, leaves, cache)
         values = values_of(cap)
@@ -100,11 +105,68 @@ def _capture(model: nn.Module, path: str, disc: Discovery, exact: bool, leaves: 
             s.notes_for_report.append(
                 "captured with static shapes (torch.export could not keep the sizes dynamic): "
                 "the rewritten module accepts only the example input sizes")
-    climb = [s for s in sites if getattr(s, "_escape_output_only", False)]
-    if climb and depth < MAX_CLIMB and path and path.rpartition(".")[0] in disc.inputs:
-        return _capture(model, path.rpartition(".")[0], disc, exact, leaves, cache, depth + 1)
     unit.sites = sites
     return unit
+
+
+def _capture(model: nn.Module, path: str, disc: Discovery, exact: bool, leaves: set[int],
+             cache: dict, depth: int = 0) -> Unit:
+    """``_capture_at`` on the recorded call; when a site's weights leave the module only
+    through its output, the parent module is captured instead (up to MAX_CLIMB levels)."""
+    unit = _capture_at(model, path, disc.inputs[path], exact, leaves, cache)
+    climb = [s for s in unit.sites if getattr(s, "_escape_output_only", False)]
+    if climb and depth < MAX_CLIMB and path and path.rpartition(".")[0] in disc.inputs:
+        return _capture(model, path.rpartition(".")[0], disc, exact, leaves, cache, depth + 1)
+    return unit
+
+
+def _given_only(module: nn.Module, a: tuple[tuple, dict], b: tuple[tuple, dict]) -> tuple:
+    """Names of the arguments that are None in call ``a`` and a tensor in call ``b``."""
+    import inspect
+    try:
+        sig = inspect.signature(module.forward)
+        ba, bb = sig.bind(*a[0], **a[1]), sig.bind(*b[0], **b[1])
+    except (TypeError, ValueError):
+        return ()
+
+    def flat(bound: inspect.BoundArguments) -> dict[str, Any]:
+        out = {}
+        for name, val in bound.arguments.items():
+            p = sig.parameters[name]
+            out.update(val if p.kind == p.VAR_KEYWORD else {name: val})
+        return out
+    fa, fb = flat(ba), flat(bb)
+    return tuple(n for n, v in fb.items() if isinstance(v, torch.Tensor) and fa.get(n) is None)
+
+
+def _add_probe(model: nn.Module, units: list[Unit], probe: Discovery, exact: bool,
+               cache: dict) -> None:
+    """Verify every unit on the padded probe too; a unit that received None where the probe
+    gives a tensor (Hugging Face drops an all-ones mask) is captured a second time on the
+    probe's call, and the rewritten module chooses between the two graphs at run time."""
+    for u in units:
+        cb = probe.inputs.get(u.path)
+        if cb is None:
+            continue
+        key = _given_only(u.module, u.call, cb) if u.kind == "graph" and u.gm is not None else ()
+        if not key:
+            u.checks.append(cb)
+            continue
+        alt = _capture_at(model, u.path, cb, exact, u.leaves, cache)
+        u.given, u.when_given = alt, key
+        if len(alt.sites) != len(u.sites):
+            for s in u.sites:
+                s.skip(f"this module computes {len(alt.sites)} attention site(s) when "
+                       f"{', '.join(key)} is given and {len(u.sites)} when it is not; "
+                       "not rewritten")
+            continue
+        for s, a in zip(u.sites, alt.sites):
+            a.index, a.calls = s.index, s.calls
+            if not a.ok:
+                s.skip(f"with {', '.join(key)} given (padded probe): {a.reason}")
+            elif s.mask_kind == "none":
+                s.mask_kind = a.mask_kind
+                s.causal = s.causal or a.causal
 
 
 def _mha_unit(model: nn.Module, path: str, disc: Discovery) -> Unit:
@@ -163,8 +225,10 @@ def _weights_used(model: nn.Module, path: str) -> bool:
     return False
 
 
-def analyse(model: nn.Module, example_inputs: Any, cfg: RewriteConfig) -> list[Unit]:
-    """Capture, match and check every site of ``model`` (legality decided, nothing built)."""
+def analyse(model: nn.Module, example_inputs: Any, cfg: RewriteConfig,
+            probe_inputs: Any = None) -> list[Unit]:
+    """Capture, match and check every site of ``model`` (legality decided, nothing built).
+    ``probe_inputs`` (passes/probe.py): a padded variant of the example to verify on too."""
     disc = discover(model, example_inputs)
     exact = cfg.kernel == "softmax" and cfg.dk is None
     units: dict[str, Unit] = {}
@@ -203,6 +267,9 @@ def analyse(model: nn.Module, example_inputs: Any, cfg: RewriteConfig) -> list[U
         for s in u.sites:
             s.index, s.calls = i, disc.calls.get(s.module_path, 1)
             i += 1
+        u.checks = [u.call]
+    if probe_inputs is not None:
+        _add_probe(model, out, discover(model, probe_inputs), exact, cache)
     return out
 
 

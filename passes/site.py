@@ -76,6 +76,8 @@ class Site:
     flops_after: int | None = None
     params_added: int | None = None
     rel_error: float | None = None
+    verified: bool | None = None  # translation validation (passes/verify.py); None: not run
+    graphs: Any = None  # (before, after) networkx pictures for the report
     notes_for_report: list[str] = field(default_factory=list)
 
     @property

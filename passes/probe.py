@@ -1,0 +1,65 @@
+"""The inputs the planner runs the model on: the example as captured, and a padded probe.
+
+``capture_example``: the user's example, with ``use_cache=False`` added for a model whose
+forward takes ``use_cache`` (Hugging Face decoders): a KV cache object is filled by the run that
+records each module's inputs, so running a module again on that record (verification) would
+attend to the cached keys twice; the rewritten attention does not use the cache anyway.
+
+``padded_probe``: the example with the last positions of its last batch row padded
+(``attention_mask`` set to 0 there), for a model whose forward takes an ``attention_mask``.
+Capture and verification also run on it, so a mask that the example did not exercise (an
+all-ones mask, which Hugging Face turns into ``attention_mask=None`` before the attention
+modules) is still a run-time input of the rewritten model and is checked.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+MASK_ARG = "attention_mask"
+_LENGTH_FROM = ("input_ids", "inputs_embeds", "decoder_input_ids")
+
+
+def _parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def capture_example(model: nn.Module, example_inputs: Any) -> Any:
+    """``example_inputs`` with ``use_cache=False`` when the model takes ``use_cache`` and
+    the example (a dict) does not set it."""
+    if isinstance(example_inputs, dict) and "use_cache" in _parameters(model) and \
+            "use_cache" not in example_inputs:
+        return {**example_inputs, "use_cache": False}
+    return example_inputs
+
+
+def padded_probe(model: nn.Module, example_inputs: Any) -> dict[str, Any] | None:
+    """The example (a dict) with ``attention_mask`` 0 on the last ceil(N/4) positions of the
+    last row (at least one real token kept); None when the model takes no ``attention_mask``
+    or the example gives no (batch, length) to build one from."""
+    if not isinstance(example_inputs, dict) or MASK_ARG not in _parameters(model):
+        return None
+    mask = example_inputs.get(MASK_ARG)
+    if not isinstance(mask, torch.Tensor):
+        ref = next((example_inputs[k] for k in _LENGTH_FROM
+                    if isinstance(example_inputs.get(k), torch.Tensor)), None)
+        if ref is None or ref.dim() < 2:
+            return None
+        mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
+    if mask.dim() != 2 or mask.shape[-1] < 2:
+        return None
+    n = mask.shape[-1]
+    pad = max(1, (n + 3) // 4)
+    probe = mask.clone()
+    real = int((probe[-1] != 0).sum())
+    pad = min(pad, max(real - 1, 0))
+    if pad == 0:
+        return None
+    probe[-1, n - pad:] = 0
+    return {**example_inputs, MASK_ARG: probe}
