@@ -266,7 +266,32 @@ def _strip_scale(x: Any, gm: GraphModule, values: dict[str, Any], site: Site) ->
     return x
 
 
-def _match_sdpa(c: COp, gm: GraphModule, cap_path: str) -> Site | None:
+_SDPA_ARGS = ("is_causal", "scale", "dropout_p", "enable_gqa")
+
+
+def _resolve(site: Site, name: str, x: Any, values: dict[str, Any]) -> Any:
+    """A call argument that may be a graph value (a forward argument, a size computed from a
+    shape): its value on the example inputs, recorded in ``site.arg_guards`` so the rewrite
+    checks at run time that it has not changed. A value unknown here skips the site."""
+    if not isinstance(x, Node):
+        return x
+    v = values.get(x.name, _UNKNOWN)
+    if isinstance(v, torch.SymBool):
+        v = bool(v)
+    elif isinstance(v, (torch.SymInt, torch.SymFloat)):
+        v = float(v)
+    if v is _UNKNOWN or not isinstance(v, (bool, int, float)) or v is None:
+        site.skip(f"the {name} argument of scaled_dot_product_attention is computed at run time "
+                  f"({x.name}) and its value is unknown here; pass example_inputs")
+        return None
+    site.arg_guards.append((x, v, name))
+    return v
+
+
+_UNKNOWN = object()
+
+
+def _match_sdpa(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: str) -> Site | None:
     node = c.node
     out = node
     if sdpa_returns_tuple(node):
@@ -277,16 +302,17 @@ def _match_sdpa(c: COp, gm: GraphModule, cap_path: str) -> Site | None:
     site = Site(module_path=_module_path(cap_path, node), node_name=node.name, pattern="sdpa")
     site.q, site.k, site.v = c.get("q"), c.get("k"), c.get("v")
     site.mask = c.get("attn_mask")
-    site.causal = bool(c.get("is_causal"))
-    s = c.get("scale")
+    args = {n: _resolve(site, n, c.get(n), values) for n in _SDPA_ARGS}
+    site.causal = bool(args["is_causal"])
+    s = args["scale"]
     site.scale = float(s) if isinstance(s, (int, float)) else None
-    p = c.get("dropout_p")
+    p = args["dropout_p"]
     site.dropout_p = float(p) if isinstance(p, (int, float)) else 0.0
     site.output, site.weights = out, []
-    site.q_fix = site.k_fix = site.v_fix = site.out_fix = []  # type: ignore[attr-defined]
+    site.q_fix, site.k_fix, site.v_fix, site.out_fix = [], [], [], []  # type: ignore[attr-defined]
     site._scale_nodes, site._softmax_dim, site._qk = [], -1, None  # type: ignore[attr-defined]
     site._all_masks = [site.mask] if isinstance(site.mask, Node) else []  # type: ignore
-    if node.target is not None and c.get("enable_gqa"):
+    if node.target is not None and args["enable_gqa"]:
         site.notes.append("enable_gqa")
     return site
 
@@ -301,8 +327,12 @@ def find_sites(gm: GraphModule, values: dict[str, Any], cap_path: str) -> list[S
         site = None
         if c.op == "softmax":
             site = _match_softmax(c, gm, values, cap_path)
+            for o in getattr(site, "_scale_nodes", []):  # a scale from a forward argument
+                v = values.get(o.name)
+                if isinstance(v, (bool, int, float, torch.SymInt, torch.SymFloat)):
+                    site.arg_guards.append((o, float(v), "scale"))
         elif c.op == "sdpa":
-            site = _match_sdpa(c, gm, cap_path)
+            site = _match_sdpa(c, gm, values, cap_path)
         if site is not None:
             sites.append(site)
     return sites

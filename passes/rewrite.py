@@ -108,6 +108,9 @@ def rewrite_site(gm: GraphModule, site: Site, name: str, attn: FlurkaAttention,
     out = site.output
     hoisted = False
     with g.inserting_before(out):
+        from .export_capture import _guard
+        for node, value, arg in site.arg_guards:  # read from graph values: still the same?
+            g.call_function(_guard, (node, value, arg, site.module_path or "<root>"))
         q = _fix(g, site.q, site.q_fix)  # type: ignore[attr-defined]
         mask = site.mask
         if mask is not None and site.mask_invert:

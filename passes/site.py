@@ -61,6 +61,9 @@ class Site:
     k_pre_repeat: Node | None = None  # GQA: k before repeat_kv (kv_heads heads)
     v_pre_repeat: Node | None = None
     learned_bias: bool = False
+    # (node, value on the example, name): call arguments read from graph values; the rewrite
+    # checks at run time that each still has that value (export_capture._guard)
+    arg_guards: list[tuple[Node, Any, str]] = field(default_factory=list)
     ok: bool = True
     reason: str | None = None
     notes: list[str] = field(default_factory=list)
