@@ -69,6 +69,18 @@ def _row(site, choice=None) -> SiteReport:
     return r
 
 
+def refuse_output_attentions(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a converted Hugging Face model: ``output_attentions=True`` raises,
+    since rewritten sites compute no attention weights (Hugging Face records them with hooks
+    on attention modules whose forward the rewrite replaced) and would silently be missing."""
+    if kwargs.get("output_attentions") or getattr(getattr(module, "config", None),
+                                                   "output_attentions", False) is True:
+        raise ValueError(
+            "output_attentions=True: the attention sites flurka-rewrite rewrote compute no "
+            "attention weights, so they cannot be returned; call without output_attentions, "
+            "or convert with filter_fn=... excluding the sites whose weights you need")
+
+
 def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
          ) -> tuple[nn.Module, RewriteReport]:
     ex = _example_inputs(model, example_inputs)
@@ -96,6 +108,8 @@ def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
     for s in sites:
         if s.ok and s.graphs and all(x is not None for x in s.graphs):
             report.graphs[s.path] = s.graphs
+    if build and report.rewritten and getattr(target, "config", None) is not None:
+        target.register_forward_pre_hook(refuse_output_attentions, with_kwargs=True)
     if build:
         target.flurka_report = report
         if ex is not None:

@@ -27,6 +27,8 @@ _NAMES: dict[str, str] = {
     "softmax": "softmax", "_softmax": "softmax", "_safe_softmax": "softmax",
     "transpose": "transpose", "mT": "transpose", "t": "transpose", "permute": "permute",
     "mul": "mul", "truediv": "div", "div": "div", "add": "add", "iadd": "add",
+    # in-place spellings (torch.export keeps aten.div_ & co.; the node is the updated tensor)
+    "mul_": "mul", "div_": "div", "add_": "add", "imul": "mul", "itruediv": "div",
     "masked_fill": "masked_fill", "masked_fill_": "masked_fill", "where": "where",
     "float": "cast", "to": "cast", "_to_copy": "cast", "type_as": "cast", "half": "cast",
     "double": "cast", "bfloat16": "cast", "type": "cast",

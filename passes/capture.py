@@ -44,15 +44,17 @@ class Discovery:
 
 
 class _AttnCallMode(TorchFunctionMode):
-    def __init__(self, stack: list[str], found: list[str]) -> None:
+    def __init__(self, stack: list[str], found: list[str], wrappers: set[str]) -> None:
         super().__init__()
-        self.stack, self.found = stack, found
+        self.stack, self.found, self.wrappers = stack, found, wrappers
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # OpOverloads (graphs from torch.export) are named "softmax.int": drop the overload
         if getattr(func, "__name__", "").split(".")[0] in _ATTN_FUNCS and self.stack:
-            if self.stack[-1] not in self.found:
-                self.found.append(self.stack[-1])
+            # an nn.Softmax module holds no q k^T: the attention is in the module calling it
+            holder = next((p for p in reversed(self.stack) if p not in self.wrappers), None)
+            if holder is not None and holder not in self.found:
+                self.found.append(holder)
         return func(*args, **(kwargs or {}))
 
 
@@ -86,8 +88,9 @@ def discover(model: nn.Module, example_inputs: Any) -> Discovery:
     # grad enabled only when there is an MHA: keeps nn.TransformerEncoderLayer off its fused
     # fast path, which would bypass the MultiheadAttention modules
     has_mha = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+    wrappers = {p for p, m in model.named_modules() if isinstance(m, (nn.Softmax, nn.Softmax2d))}
     try:
-        with torch.set_grad_enabled(has_mha), _AttnCallMode(stack, found):
+        with torch.set_grad_enabled(has_mha), _AttnCallMode(stack, found, wrappers):
             call_model(model, example_inputs)
     finally:
         for h in handles:
@@ -134,10 +137,29 @@ class _LeafTracer(torch.fx.Tracer):
         return id(m) in self.leaves or super().is_leaf_module(m, qualname)
 
 
+def _opaque(graph: torch.fx.Graph) -> bool:
+    """The traced graph calls a function the matcher cannot see into: a ``torch.fx.wrap`` leaf
+    of user code (timm's ``maybe_add_mask``) or ``F.multi_head_attention_forward``. Such a
+    module is captured with torch.export, which traces through them."""
+    import types
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        t = n.target
+        if t is torch.nn.functional.multi_head_attention_forward:
+            return True
+        if isinstance(t, types.FunctionType) and not (t.__module__ or "").startswith(
+                ("torch", "flurka_rewrite", "math", "operator", "_operator")):
+            return True
+    return False
+
+
 def _try_symbolic(path: str, module: nn.Module, args: tuple, kwargs: dict,
                   leaves: set[int]) -> Captured | None:
     try:
         graph = _LeafTracer(leaves).trace(module)
+        if _opaque(graph):
+            return None
         gm = GraphModule(module, graph, type(module).__name__)
         bound = _bind(module, args, kwargs)
         if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and bound.arguments.get(n)

@@ -138,6 +138,11 @@ def fill(site: Site, gm: GraphModule, values: dict[str, Any]) -> None:
     except Exception:  # noqa: BLE001
         site.skip("unknown shapes: q, k or v has no value on the example inputs")
         return
+    if q.dim() == 4 and v.dim() == 3 and k.dim() == 4 and k.shape[1] == q.shape[1] and \
+            v.shape[0] == q.shape[0] * q.shape[1]:  # weights viewed flat before the v product
+        site.v_fix.append(("unflatten", q.shape[1]))  # type: ignore[attr-defined]
+        site.out_fix.append(("flatten",))  # type: ignore[attr-defined]
+        v = apply_fix(_tensor(values, site.v), [("unflatten", q.shape[1])])
     if q.dim() == 3:
         site.layout = "flat"
         site.batch, site.heads, site.kv_heads = q.shape[0], 1, 1

@@ -73,7 +73,8 @@ class _Walk:
             return None
         if c.op in ("matmul", "einsum", "baddbmm"):
             if c.op == "baddbmm":
-                self._set_mask(c.get("input"), False)
+                if c.get("beta", 1) != 0:  # beta=0: input (often torch.empty) is ignored
+                    self._set_mask(c.get("input"), False)
                 self.scale *= float(c.get("alpha", 1.0))
             self.parts.append(c.op)
             return c
@@ -189,7 +190,8 @@ def _match_softmax(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: st
             if cu.op in ("matmul", "einsum") and (cu.get("a") is cur or (
                     cu.op == "einsum" and cu.get("operands") and cu.get("operands")[0] is cur)):
                 pv = cu
-            elif cu.op in ("cast", "dropout") and len(users) == 1:
+            elif len(users) == 1 and (cu.op in ("cast", "dropout") or (
+                    cu.op == "shape" and w._same_view(u, cur))):  # e.g. (B,H,N,M)->(B*H,N,M)
                 nxt = u
                 if cu.op == "dropout":
                     p = cu.get("p", 0.0)
@@ -339,10 +341,14 @@ def find_sites(gm: GraphModule, values: dict[str, Any], cap_path: str) -> list[S
 
 
 def apply_fix(x: torch.Tensor, fix: list[tuple]) -> torch.Tensor:
-    """Apply a site's layout fixes (transpose / einsum) to a value."""
+    """Apply a site's layout fixes (transpose / einsum / unflatten / flatten) to a value."""
     for f in fix:
         if f[0] == "transpose":
             x = x.transpose(f[1], f[2])
+        elif f[0] == "unflatten":  # (B*H, M, d) -> (B, H, M, d)
+            x = x.unflatten(0, (-1, f[1]))
+        elif f[0] == "flatten":  # (B, H, N, d) -> (B*H, N, d)
+            x = x.flatten(0, 1)
         elif f[0] == "einsum":
             x = torch.einsum(f[1], x)
     return x

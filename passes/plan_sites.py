@@ -115,8 +115,12 @@ def _capture(model: nn.Module, path: str, disc: Discovery, exact: bool, leaves: 
     through its output, the parent module is captured instead (up to MAX_CLIMB levels)."""
     unit = _capture_at(model, path, disc.inputs[path], exact, leaves, cache)
     climb = [s for s in unit.sites if getattr(s, "_escape_output_only", False)]
-    if climb and depth < MAX_CLIMB and path and path.rpartition(".")[0] in disc.inputs:
-        return _capture(model, path.rpartition(".")[0], disc, exact, leaves, cache, depth + 1)
+    failed = unit.gm is None  # could not capture: the parent's call may (e.g. a size tuple)
+    if (climb or failed) and depth < MAX_CLIMB and path and \
+            path.rpartition(".")[0] in disc.inputs:
+        up = _capture(model, path.rpartition(".")[0], disc, exact, leaves, cache, depth + 1)
+        if not failed or (up.gm is not None and up.sites):
+            return up
     return unit
 
 
@@ -187,8 +191,10 @@ def _mha_unit(model: nn.Module, path: str, disc: Discovery) -> Unit:
     s.dm, s.scale = mha.embed_dim, mha.head_dim ** -0.5
     s.dropout_p = mha.dropout
     am = call.get("attn_mask")
-    s.mask_kind = classify_mask(am, True, bool(call.get("is_causal"))) if am is not None \
-        else ("causal" if call.get("is_causal") else "none")
+    # MHA: a bool mask is True where attention is NOT allowed; a float mask is additive
+    # (nn.Transformer.generate_square_subsequent_mask: 0 and -inf)
+    s.mask_kind = classify_mask(am, am.dtype == torch.bool, bool(call.get("is_causal"))) \
+        if am is not None else ("causal" if call.get("is_causal") else "none")
     if call.get("key_padding_mask") is not None and s.mask_kind in ("none",):
         s.mask_kind = "padding"
     s.causal = s.mask_kind.startswith("causal")

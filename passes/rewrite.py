@@ -41,6 +41,10 @@ def _fix(g, x: Node, fix: list[tuple]) -> Node:
             x = g.call_method("transpose", (x, f[1], f[2]))
         elif f[0] == "einsum":
             x = g.call_function(torch.einsum, (f[1], x))
+        elif f[0] == "unflatten":
+            x = g.call_method("unflatten", (x, 0, (-1, f[1])))
+        elif f[0] == "flatten":
+            x = g.call_method("flatten", (x, 0, 1))
     return x
 
 
@@ -100,6 +104,17 @@ def _drop_orphan_asserts(g) -> bool:
     return erased
 
 
+def flat_mask(mask: torch.Tensor, bh: int) -> torch.Tensor:
+    """A (B or 1, 1 or H, N, M) mask, added to the scores on their 4-D view, as the
+    (B*H, 1, N, M) mask of the flat (B*H, N, d) layout."""
+    b = mask.shape[0]
+    h = bh // b
+    if b * h != bh or mask.shape[1] not in (1, h):
+        raise ValueError(f"mask {tuple(mask.shape)} does not fit {bh} (batch x heads) rows")
+    return mask.expand(b, h, mask.shape[-2], mask.shape[-1]).reshape(bh, 1, mask.shape[-2],
+                                                                     mask.shape[-1])
+
+
 def rewrite_site(gm: GraphModule, site: Site, name: str, attn: FlurkaAttention,
                  hoist: bool) -> bool:
     """Insert the FlurkaAttention call for ``site`` into ``gm``; returns whether it hoisted."""
@@ -132,6 +147,9 @@ def rewrite_site(gm: GraphModule, site: Site, name: str, attn: FlurkaAttention,
             q, k, v = (g.call_method("unsqueeze", (t, 1)) for t in (q, k, v))
             if mask is not None and site.mask_rank == 3:
                 kwargs["attn_mask"] = g.call_method("unsqueeze", (mask, 1))
+            elif mask is not None and site.mask_rank == 4:  # (B|1, 1|H, N, M) on the 4-D view
+                kwargs["attn_mask"] = g.call_function(flat_mask, (mask, g.call_method(
+                    "size", (q, 0))))
         res = g.call_module(name, (q, k, v), kwargs)
         if flat:
             res = g.call_method("squeeze", (res, 1))
