@@ -136,6 +136,8 @@ def fill(site: Site, gm: GraphModule, values: dict[str, Any]) -> None:
         k = apply_fix(_tensor(values, site.k), site.k_fix)  # type: ignore[attr-defined]
         v = apply_fix(_tensor(values, site.v), site.v_fix)  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001
+        q = None
+    if q is None or k is None or v is None:
         site.skip("unknown shapes: q, k or v has no value on the example inputs")
         return
     if q.dim() == 4 and v.dim() == 3 and k.dim() == 4 and k.shape[1] == q.shape[1] and \

@@ -319,6 +319,73 @@ def _match_sdpa(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: str) 
     return site
 
 
+_SOFTCAP = ("tanh",)
+
+
+def _unmatched(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: str) -> Site | None:
+    """A softmax over scores (..., N, M) computed from a q k^T product that the patterns did
+    not match: reported as a skipped site with what was found, so the user sees it. None when
+    the softmax is not attention-like (no product of two activations of rank >= 3 within a
+    few ops, e.g. a classifier head)."""
+    sm = c.node
+    v = values.get(sm.name)
+    if values and not (isinstance(v, torch.Tensor) and v.dim() >= 3):
+        return None
+    seen, frontier, ops, product = set(), [c.get("x")], [], None
+    for _ in range(16):
+        nxt = []
+        for x in frontier:
+            if not isinstance(x, Node) or x in seen or x.op in ("placeholder", "get_attr"):
+                continue
+            seen.add(x)
+            cx = canon(x, gm)
+            word = cx.op if cx is not None else str(getattr(x.target, "__name__", x.target))
+            ops.append(word.split(".")[-1])
+            if cx is not None and cx.op in ("matmul", "einsum", "baddbmm") and _activations(
+                    cx, values):
+                product = x
+                break
+            nxt += [a for a in x.all_input_nodes]
+        if product is not None or not nxt:
+            break
+        frontier = nxt
+    if product is None:
+        return None
+    site = Site(module_path=_module_path(cap_path, sm), node_name=sm.name,
+                pattern="softmax (not matched)")
+    site.q_fix, site.k_fix, site.v_fix, site.out_fix = [], [], [], []  # type: ignore[attr-defined]
+    found = sorted({o for o in ops if o not in ("matmul", "shape", "cast", "getitem")})
+    if any(o in _SOFTCAP for o in ops):
+        site.skip("logit soft-capping (tanh on the scores) enters the softmax; FLuRKA "
+                  "cannot represent it")
+    elif not any(canon(u, gm) is not None and canon(u, gm).op in ("matmul", "einsum")
+                 for u in sm.users):
+        site.skip("the softmax weights are not multiplied with v directly (" +
+                  ", ".join(sorted({_word_of(u, gm) for u in sm.users})) + ")")
+    else:
+        site.skip("not recognised as softmax(scale * q k^T + mask) v: the scores pass "
+                  f"through {', '.join(found) or 'unknown ops'}")
+    return site
+
+
+def _word_of(node: Node, gm: GraphModule) -> str:
+    cx = canon(node, gm)
+    return cx.op if cx is not None else str(getattr(node.target, "__name__", node.target))
+
+
+def _activations(c: COp, values: dict[str, Any]) -> bool:
+    """Both operands of a product are activations of rank >= 3 (not a weight matrix)."""
+    ops = c.get("operands") if c.op == "einsum" else [c.get("a"), c.get("b")]
+    if not ops or len(ops) != 2 or not all(isinstance(o, Node) for o in ops):
+        return False
+    if any(o.op == "get_attr" for o in ops):
+        return False
+    if not values:
+        return True
+    vals = [values.get(o.name) for o in ops]
+    return all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in vals)
+
+
 def find_sites(gm: GraphModule, values: dict[str, Any], cap_path: str) -> list[Site]:
     """All attention sites of ``gm`` in graph order (legality not yet decided)."""
     sites: list[Site] = []
@@ -328,7 +395,8 @@ def find_sites(gm: GraphModule, values: dict[str, Any], cap_path: str) -> list[S
             continue
         site = None
         if c.op == "softmax":
-            site = _match_softmax(c, gm, values, cap_path)
+            site = _match_softmax(c, gm, values, cap_path) or _unmatched(c, gm, values,
+                                                                          cap_path)
             for o in getattr(site, "_scale_nodes", []):  # a scale from a forward argument
                 v = values.get(o.name)
                 if isinstance(v, (bool, int, float, torch.SymInt, torch.SymFloat)):

@@ -184,3 +184,70 @@ CASES: dict[str, Callable[[], tuple[nn.Module, tuple, int, bool]]] = {
     "encoder_key_padding": lambda: (EncoderKeyPadding(), (x_input(), key_padding()), 2, False),
     "mha_float_causal": lambda: (MHAFloatCausal(), (x_input(),), 1, True),
 }
+
+
+# -- attention FLuRKA cannot represent: each must still get a report row with its reason -----
+class SoftCapped(_Fused):
+    """Logit soft-capping, ``tanh(s / c) * c`` (Gemma 2 style)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(x)
+        s = torch.tanh(q @ k.transpose(-2, -1) * DH ** -0.5 / 30.0) * 30.0
+        return self.merge(s.softmax(-1) @ v)
+
+
+class EagerAlibi(_Fused):
+    """ALiBi computed in eager code from a slopes buffer and the positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("slopes", torch.tensor([0.5, 0.25, 0.125]).view(1, H, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(x)
+        pos = torch.arange(x.shape[1])
+        bias = self.slopes * (pos[None, :] - pos[:, None]).float()
+        return self.merge((q @ k.transpose(-2, -1) * DH ** -0.5 + bias).softmax(-1) @ v)
+
+
+class RelativeBias(_Fused):
+    """A learned (H, N, N) relative-position bias on the scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rel = nn.Parameter(torch.randn(H, N, N))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(x)
+        return self.merge((q @ k.transpose(-2, -1) * DH ** -0.5 + self.rel).softmax(-1) @ v)
+
+
+class StridedSparse(_Fused):
+    """Block/strided sparsity by multiplying the scores with a pattern."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(x)
+        s = q @ k.transpose(-2, -1)
+        s = s * (torch.arange(s.shape[-1]) % 2 == 0)
+        return self.merge(s.softmax(-1) @ v)
+
+
+class ClassifierHead(nn.Module):
+    """A softmax over class logits: not attention, no row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(D, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x).softmax(-1)
+
+
+# name -> (module, substring of the skip reason; None: no row at all)
+UNREPRESENTABLE: dict[str, Callable[[], tuple[nn.Module, str | None]]] = {
+    "soft_capping": lambda: (SoftCapped(), "soft-capping"),
+    "eager_alibi": lambda: (EagerAlibi(), "position bias"),
+    "relative_bias": lambda: (RelativeBias(), "position bias"),
+    "strided_sparse": lambda: (StridedSparse(), "not recognised"),
+    "classifier_head": lambda: (ClassifierHead(), None),
+}

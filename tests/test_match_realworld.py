@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flurka_rewrite as fr
-from models_realworld import CASES, N
+from models_realworld import CASES, N, UNREPRESENTABLE, x_input
 
 ATOL = RTOL = 1e-5
 
@@ -86,3 +86,23 @@ def test_output_attentions_is_refused_not_dropped() -> None:
         assert len(e.model(**e.example_inputs, output_attentions=True).attentions) == 2
         with pytest.raises(ValueError, match="output_attentions"):
             new(**e.example_inputs, output_attentions=True)
+
+
+@pytest.mark.parametrize("name", list(UNREPRESENTABLE))
+def test_every_attention_softmax_gets_a_row(name: str) -> None:
+    """Soft-capping, eager ALiBi, relative bias, sparsity: a skipped row with the reason (and
+    the model unchanged); a classifier softmax: no row."""
+    model, reason = UNREPRESENTABLE[name]()
+    model.eval()
+    x = x_input()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fr.AllSitesSkippedWarning)
+        new = fr.convert(model, kernel="performer", dk=None, example_inputs=(x,))
+    rows = new.flurka_report.sites
+    if reason is None:
+        assert rows == [], str(new.flurka_report)
+    else:
+        assert len(rows) == 1 and rows[0].status == "skipped", str(new.flurka_report)
+        assert reason in rows[0].reason, rows[0].reason
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), model(x), atol=0, rtol=0)

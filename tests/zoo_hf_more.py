@@ -18,7 +18,8 @@ Differences from zoo_hf:
   re-drawn (`_randomize`) so that a site ignoring them would change the output.
 * Models without SDPA support (`_supports_sdpa = False`: deberta-v2, mpnet, megatron-bert,
   roformer, gemma2, bloom) are always built with eager attention; for them
-  `entry.attn_implementation == "eager"` whatever was asked and `attn_implementations == ("eager",)`.
+  `entry.attn_implementation == "eager"` whatever was asked, and
+  `entry.attn_implementations == ("eager",)`.
 * `count_attention_calls_more` / `check_sites_more` also see `F.multi_head_attention_forward`
   (SigLIP's pooling head is an `nn.MultiheadAttention`, invisible to zoo_hf's counter), read Hkv
   from the key tensor (Falcon's multi-query K has 1 head and no `num_key_value_groups`) and check
@@ -243,7 +244,8 @@ def roformer(attn_implementation: str = "sdpa") -> ZooEntry:
 
 def mpnet(attn_implementation: str = "sdpa") -> ZooEntry:
     """MPNetModel: relative position bias (MPNetEncoder.relative_attention_bias; its forward
-    hard-codes 32 buckets, so the config must keep 32) computed once and added to every layer's scores -> 2 SKIPPED sites
+    hard-codes 32 buckets, so the config must keep 32), computed once in the encoder and passed to
+    every layer (`position_bias`, added to the scores) -> 2 SKIPPED sites
     `encoder.layer.{i}.attention.attn` (q/k/v/o Linear named q, k, v, o). EAGER ONLY."""
     cfg = tf.MPNetConfig(**{**BERT_LIKE, "max_position_embeddings": SEQ + 4},
                          relative_attention_num_buckets=32)
@@ -366,7 +368,8 @@ def falcon(attn_implementation: str = "sdpa") -> ZooEntry:
 
 def bloom(attn_implementation: str = "sdpa") -> ZooEntry:
     """BloomModel: ALiBi (per-head slopes x key position, added via baddbmm) -> 2 causal sites
-    `h.{i}.self_attention`, both SKIPPED. Fused `query_key_value` view(B, N, H, 3, dh). EAGER ONLY."""
+    `h.{i}.self_attention`, both SKIPPED. Fused `query_key_value` view(B, N, H, 3, dh).
+    EAGER ONLY."""
     cfg = tf.BloomConfig(vocab_size=VOCAB, hidden_size=48, n_layer=LAYERS, n_head=3,
                          pad_token_id=0, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
     model = _build(tf.BloomModel, cfg, attn_implementation, FACTORS["bloom"],
