@@ -32,11 +32,23 @@ def _parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
 
 def capture_example(model: nn.Module, example_inputs: Any) -> Any:
     """``example_inputs`` with ``use_cache=False`` when the model takes ``use_cache`` and
-    the example (a dict) does not set it."""
-    if isinstance(example_inputs, dict) and "use_cache" in _parameters(model) and \
-            "use_cache" not in example_inputs:
-        return {**example_inputs, "use_cache": False}
-    return example_inputs
+    the example (a dict) does not set it; a batch of one is repeated to two, since
+    torch.export fixes every dimension of size 1 and the rewritten modules would then accept
+    batches of one only."""
+    ex = example_inputs
+    if isinstance(ex, dict) and "use_cache" in _parameters(model) and "use_cache" not in ex:
+        ex = {**ex, "use_cache": False}
+    leaves = [t for t in (ex.values() if isinstance(ex, dict) else ex if isinstance(
+        ex, (tuple, list)) else [ex]) if isinstance(t, torch.Tensor)]
+    if leaves and all(t.dim() >= 1 and t.shape[0] == 1 for t in leaves):
+        two = {id(t): t.expand(2, *t.shape[1:]).clone() for t in leaves}
+        if isinstance(ex, dict):
+            ex = {k: two.get(id(v), v) for k, v in ex.items()}
+        elif isinstance(ex, (tuple, list)):
+            ex = type(ex)(two.get(id(v), v) for v in ex)
+        else:
+            ex = two[id(ex)]
+    return ex
 
 
 def padded_probe(model: nn.Module, example_inputs: Any) -> dict[str, Any] | None:
