@@ -7,6 +7,7 @@ padding), the number of sites, and the capture method of the first site's module
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -28,13 +29,18 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--impl", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--kernel", default="performer")
+    ap.add_argument("--dk", default="64", help="an int, or none")
+    ap.add_argument("--json", help="append the figures to this JSON-lines file")
+    ap.add_argument("--label", default="", help="a name for this run in the JSON")
     args = ap.parse_args()
     model = bert_base(args.layers, args.impl)
     ids = torch.randint(5, 1000, (2, args.seq))
     mask = torch.ones_like(ids)
     mask[1, -10:] = 0
     inputs = {"input_ids": ids, "attention_mask": mask}
-    kw = dict(kernel="performer", dk=64, example_inputs=inputs)
+    dk = None if args.dk == "none" else int(args.dk)
+    kw = dict(kernel=args.kernel, dk=dk, example_inputs=inputs)
     t0 = time.perf_counter()
     new = fr.convert(model, **kw)  # first in the process: includes torch.export's warm-up
     t1 = time.perf_counter()
@@ -47,6 +53,13 @@ def main() -> None:
           f"convert {t1 - t0:.2f} s (cold process), plan {t2 - t1:.2f} s, "
           f"convert {t3 - t2:.2f} s (warm); "
           f"{len(rep.sites)} sites, {n} rewritten, hoisted={new.flurka_report.sites[0].hoisted}")
+    if args.json:
+        row = dict(label=args.label, layers=args.layers, impl=args.impl, seq=args.seq,
+                   kernel=args.kernel, dk=dk, convert_cold_s=t1 - t0, plan_s=t2 - t1,
+                   convert_warm_s=t3 - t2, sites=len(rep.sites), rewritten=n,
+                   verified=[getattr(s, "verified", None) for s in new2.flurka_report.sites])
+        with open(args.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

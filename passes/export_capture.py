@@ -219,12 +219,25 @@ def _from_export(module: nn.Module, ep: Any, consts: dict, sig: inspect.Signatur
             flat = n.args[0]
             out = pytree.tree_unflatten([env.get(x) if isinstance(x, Node) else x for x in flat],
                                         ep.call_spec.out_spec)
-            g.output(out)
+            g.output(_rebuilt(g, out))
         else:
             env[n] = g.node_copy(n, lambda x: env[x])
     consts_used = {n.target: getattr(module, n.target) for n in g.nodes
                    if n.op == "get_attr" and n.target.startswith("_flurka_const_")}
     return g, how, consts_used
+
+
+def _rebuilt(g: Graph, out: Any) -> Any:
+    """The module's output structure with graph nodes inside. Tuples, lists and plain dicts
+    are written out by FX's code generation; any other container (a Hugging Face
+    ``ModelOutput``) would be written as a plain dict, so it is built by a call to its class."""
+    if isinstance(out, (tuple, list)):
+        return type(out)(_rebuilt(g, x) for x in out) if type(out) in (tuple, list) else \
+            g.call_function(type(out), tuple(_rebuilt(g, x) for x in out))
+    if isinstance(out, dict):
+        items = {k: _rebuilt(g, v) for k, v in out.items()}
+        return items if type(out) is dict else g.call_function(type(out), (), items)
+    return out
 
 
 def _export_values(g: Graph, ph_names: list[str], var_kw: str | None,

@@ -339,8 +339,7 @@ def _unmatched(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: str) -
                 continue
             seen.add(x)
             cx = canon(x, gm)
-            word = cx.op if cx is not None else str(getattr(x.target, "__name__", x.target))
-            ops.append(word.split(".")[-1])
+            ops.append(_word_of(x, gm))
             if cx is not None and cx.op in ("matmul", "einsum", "baddbmm") and _activations(
                     cx, values):
                 product = x
@@ -358,9 +357,10 @@ def _unmatched(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: str) -
     if any(o in _SOFTCAP for o in ops):
         site.skip("logit soft-capping (tanh on the scores) enters the softmax; FLuRKA "
                   "cannot represent it")
-    elif not any(canon(u, gm) is not None and canon(u, gm).op in ("matmul", "einsum")
-                 for u in sm.users):
-        site.skip("the softmax weights are not multiplied with v directly (" +
+    elif _biased(ops):
+        site.skip(BIAS_NOT_MATCHED)
+    elif not _reaches_product(sm, gm):
+        site.skip("the softmax weights are not multiplied with v (" +
                   ", ".join(sorted({_word_of(u, gm) for u in sm.users})) + ")")
     else:
         site.skip("not recognised as softmax(scale * q k^T + mask) v: the scores pass "
@@ -368,9 +368,41 @@ def _unmatched(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: str) -
     return site
 
 
+BIAS_NOT_MATCHED = ("an additive term on the scores that is not a padding or causal mask "
+                    "(e.g. ALiBi or a relative position bias) enters the softmax; FLuRKA "
+                    "cannot represent it")
+
+
 def _word_of(node: Node, gm: GraphModule) -> str:
+    """The vocabulary word of a node, else its function / method name (no overload)."""
     cx = canon(node, gm)
-    return cx.op if cx is not None else str(getattr(node.target, "__name__", node.target))
+    if cx is not None:
+        return cx.op
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t.overloadpacket.__name__
+    return str(getattr(t, "__name__", t))
+
+
+def _biased(ops: list[str]) -> bool:
+    """The score path adds something (baddbmm with its input, add) to the q k^T product."""
+    return "baddbmm" in ops or "add" in ops
+
+
+def _reaches_product(sm: Node, gm: GraphModule) -> bool:
+    """The softmax weights reach a matmul / einsum through casts, dropout and views."""
+    frontier = [sm]
+    for _ in range(6):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                w = _word_of(u, gm)
+                if w in ("matmul", "einsum", "baddbmm"):
+                    return True
+                if w in ("cast", "dropout", "shape", "getitem"):
+                    nxt.append(u)
+        frontier = nxt
+    return False
 
 
 def _activations(c: COp, values: dict[str, Any]) -> bool:

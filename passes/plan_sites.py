@@ -26,7 +26,7 @@ from .match import find_sites
 from .site import Site
 
 CAUSAL_NOTE = "causal: kernel-only attention (prefix sums), dk not applied"
-MAX_CLIMB = 3
+MAX_CLIMB = 4  # attention module -> attention -> layer -> encoder
 
 
 @dataclass
@@ -116,12 +116,21 @@ def _capture(model: nn.Module, path: str, disc: Discovery, exact: bool, leaves: 
     unit = _capture_at(model, path, disc.inputs[path], exact, leaves, cache)
     climb = [s for s in unit.sites if getattr(s, "_escape_output_only", False)]
     failed = unit.gm is None  # could not capture: the parent's call may (e.g. a size tuple)
-    if (climb or failed) and depth < MAX_CLIMB and path and \
-            path.rpartition(".")[0] in disc.inputs:
-        up = _capture(model, path.rpartition(".")[0], disc, exact, leaves, cache, depth + 1)
+    parent = _called_ancestor(path, disc)
+    if (climb or failed) and depth < MAX_CLIMB and parent is not None:
+        up = _capture(model, parent, disc, exact, leaves, cache, depth + 1)
         if not failed or (up.gm is not None and up.sites):
             return up
     return unit
+
+
+def _called_ancestor(path: str, disc: Discovery) -> str | None:
+    """The nearest ancestor module that ran (a ModuleList holding the layers never does)."""
+    while path:
+        path = path.rpartition(".")[0]
+        if path in disc.inputs:
+            return path
+    return None
 
 
 def _given_only(module: nn.Module, a: tuple[tuple, dict], b: tuple[tuple, dict]) -> tuple:

@@ -5,8 +5,8 @@ forward takes ``use_cache`` (Hugging Face decoders): a KV cache object is filled
 records each module's inputs, so running a module again on that record (verification) would
 attend to the cached keys twice; the rewritten attention does not use the cache anyway.
 
-``padded_probe``: the example with the last positions of its last batch row padded
-(``attention_mask`` set to 0 there), for a model whose forward takes an ``attention_mask``.
+``padded_probe``: the example with the last positions of its last batch row padded (each
+mask the model takes set to 0 there: ``attention_mask``, ``decoder_attention_mask``).
 Capture and verification also run on it, so a mask that the example did not exercise (an
 all-ones mask, which Hugging Face turns into ``attention_mask=None`` before the attention
 modules) is still a run-time input of the rewritten model and is checked.
@@ -19,8 +19,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-MASK_ARG = "attention_mask"
-_LENGTH_FROM = ("input_ids", "inputs_embeds", "decoder_input_ids")
+# mask argument -> the inputs its (batch, length) can be read from when the example lacks it
+MASKS = (("attention_mask", ("input_ids", "inputs_embeds")),
+         ("decoder_attention_mask", ("decoder_input_ids", "decoder_inputs_embeds")))
 
 
 def _parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
@@ -52,26 +53,37 @@ def capture_example(model: nn.Module, example_inputs: Any) -> Any:
 
 
 def padded_probe(model: nn.Module, example_inputs: Any) -> dict[str, Any] | None:
-    """The example (a dict) with ``attention_mask`` 0 on the last ceil(N/4) positions of the
-    last row (at least one real token kept); None when the model takes no ``attention_mask``
-    or the example gives no (batch, length) to build one from."""
-    if not isinstance(example_inputs, dict) or MASK_ARG not in _parameters(model):
+    """The example (a dict) with each mask the model takes (``attention_mask``,
+    ``decoder_attention_mask``) 0 on the last ceil(N/4) positions of the last row (at least
+    one real token kept); None when the model takes no such mask or the example gives no
+    (batch, length) to build one from."""
+    if not isinstance(example_inputs, dict):
         return None
-    mask = example_inputs.get(MASK_ARG)
+    params = _parameters(model)
+    probe = dict(example_inputs)
+    for name, length_from in MASKS:
+        if name not in params:
+            continue
+        mask = _padded(example_inputs.get(name),
+                       next((example_inputs[k] for k in length_from
+                             if isinstance(example_inputs.get(k), torch.Tensor)), None))
+        if mask is not None:
+            probe[name] = mask
+    return probe if any(probe[k] is not example_inputs.get(k) for k in probe) else None
+
+
+def _padded(mask: Any, ref: torch.Tensor | None) -> torch.Tensor | None:
     if not isinstance(mask, torch.Tensor):
-        ref = next((example_inputs[k] for k in _LENGTH_FROM
-                    if isinstance(example_inputs.get(k), torch.Tensor)), None)
         if ref is None or ref.dim() < 2:
             return None
         mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
     if mask.dim() != 2 or mask.shape[-1] < 2:
         return None
     n = mask.shape[-1]
-    pad = max(1, (n + 3) // 4)
     probe = mask.clone()
     real = int((probe[-1] != 0).sum())
-    pad = min(pad, max(real - 1, 0))
+    pad = min(max(1, (n + 3) // 4), max(real - 1, 0))
     if pad == 0:
         return None
     probe[-1, n - pad:] = 0
-    return {**example_inputs, MASK_ARG: probe}
+    return probe
