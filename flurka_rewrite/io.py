@@ -258,8 +258,19 @@ def _load_hf(path: str, quiet: bool) -> LoadedModel:
 def _load_hf_quietly(transformers: Any, path: str) -> LoadedModel:
     try:
         with open(os.path.join(path, "config.json")) as f:
-            json.load(f)
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+            raw = json.load(f)
+    except Exception as e:  # noqa: BLE001
+        raise InputFileError(f"could not read {os.path.join(path, 'config.json')!r}: "
+                             f"{_one_line(e)}") from e
+    if isinstance(raw, dict) and raw.get("auto_map"):
+        raise InputFileError(
+            f"{os.path.join(path, 'config.json')!r} maps the model to custom code in the "
+            f"directory (auto_map: {', '.join(sorted(map(str, raw['auto_map'])))}); "
+            "flurka-rewrite never runs code from a model directory: load the model yourself "
+            "and call flurka_rewrite.convert(model, ...)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True,
+                                                         trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise InputFileError(f"could not read {os.path.join(path, 'config.json')!r}: "
                              f"{_one_line(e)}") from e
@@ -267,7 +278,7 @@ def _load_hf_quietly(transformers: Any, path: str) -> LoadedModel:
     cls = getattr(transformers, archs[0], None) if archs else None
     cls = cls or transformers.AutoModel
     try:
-        model = cls.from_pretrained(path, local_files_only=True)
+        model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - missing / corrupt weights
         raise InputFileError(f"could not load the Hugging Face model in {path!r} with "
                              f"{cls.__name__}: {_one_line(e)}") from e

@@ -330,6 +330,14 @@ def _rebuild_base(recipe: dict[str, Any]) -> nn.Module:
                           "pip install 'flurka-rewrite[hf]'") from e
     model_cls = getattr(transformers, base["class"], None)
     config_cls = getattr(transformers, base["config_class"], None)
+    if not (isinstance(model_cls, type) and issubclass(model_cls, transformers.PreTrainedModel)
+            and isinstance(config_cls, type) and issubclass(config_cls,
+                                                            transformers.PretrainedConfig)):
+        if model_cls is not None and config_cls is not None:
+            raise RecipeError(
+                f"recipe.json names transformers.{base['class']} / "
+                f"transformers.{base['config_class']}, which are not a PreTrainedModel and a "
+                "PretrainedConfig class; refusing to call them (a tampered recipe?)")
     if model_cls is None or config_cls is None:
         raise RecipeError(
             f"transformers {transformers.__version__} has no {base['class']} / "

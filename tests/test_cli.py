@@ -359,3 +359,23 @@ def test_all_sites_skipped_writes_nothing_and_names_the_fix(files, tmp_path, cap
     assert rc == 7 and "were skipped" in err and "--example-shape" in err
     assert out.count(" skipped ") >= DEMO_SITES  # the report with the reasons is printed
     assert os.listdir(tmp_path) == []
+
+
+def test_hf_directory_with_custom_code_is_refused_without_prompting(tmp_path, capsys) -> None:
+    """config.json with an auto_map to a Python file in the directory: exit 3, one line,
+    nothing imported and no question asked on stdin."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=91, hidden_size=24, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=40)
+    d = tmp_path / "custom"
+    transformers.BertModel(cfg).save_pretrained(d)
+    marker = tmp_path / "ran"
+    (d / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    conf = json.loads((d / "config.json").read_text())
+    conf["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (d / "config.json").write_text(json.dumps(conf))
+    capsys.readouterr()
+    rc, _, err = run_cli(capsys, str(d), "--dry-run", "-q")
+    assert rc == 3 and "custom code" in err and "never runs code" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not marker.exists()

@@ -307,3 +307,23 @@ def test_save_is_atomic_and_never_clobbers(performer_net, saved_dir, tmp_path, m
     fr.save(model, target, example_inputs=ex, overwrite=True)  # replaces an earlier save
     loaded = fr.load(target, base_model=TwoLayerNet())
     assert torch.equal(_run(loaded, ex), _run(model, ex))
+
+
+@pytest.mark.parametrize("field,name", [("class", "pipeline"), ("config_class", "pipeline"),
+                                        ("class", "BertConfig")])
+def test_recipe_naming_a_non_model_callable_is_refused(tmp_path, monkeypatch, field, name):
+    """A tampered recipe.json that names any other transformers attribute (a function such as
+    ``pipeline``, or a config class as the model) is refused before anything is called."""
+    tf = pytest.importorskip("transformers")
+    cfg = tf.BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=20)
+    ex = {"input_ids": torch.randint(3, 50, (2, 9), generator=torch.Generator().manual_seed(0))}
+    model = fr.convert(tf.BertModel._from_config(cfg).eval(), kernel="performer", dk=None,
+                       example_inputs=ex)
+    fr.save(model, tmp_path / "bert", example_inputs=ex)
+    called = []
+    monkeypatch.setattr(tf, "pipeline", lambda *a, **k: called.append(a))
+    _tamper_recipe(str(tmp_path / "bert"), lambda r: r["base_model"].update({field: name}))
+    with pytest.raises(RecipeError, match="refusing to call them"):
+        fr.load(tmp_path / "bert")
+    assert called == []
