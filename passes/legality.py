@@ -59,6 +59,21 @@ def classify_mask(mask: torch.Tensor | None, invert: bool, causal_flag: bool) ->
     return kind
 
 
+def _within_causal(mask: torch.Tensor | None, invert: bool) -> bool:
+    """The mask allows no key after its query (e.g. a causal sliding window)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() < 2:
+        return False
+    if mask.dtype == torch.bool:
+        keep = ~mask if invert else mask
+    elif mask.is_floating_point() and not invert:
+        keep = mask > MASKED_BELOW
+    else:
+        return False
+    n, m = keep.shape[-2], keep.shape[-1]
+    future = ~torch.ones(n, m, dtype=torch.bool).tril(m - n)
+    return not bool((keep & future).any())
+
+
 def _tensor(values: dict[str, Any], n: Any) -> torch.Tensor | None:
     v = values.get(n.name) if isinstance(n, Node) else None
     return v if isinstance(v, torch.Tensor) else None
@@ -162,8 +177,9 @@ def fill(site: Site, gm: GraphModule, values: dict[str, Any]) -> None:
     site.mask_kind = classify_mask(mval, site.mask_invert, site.causal)
     if site.mask is not None and mval is None:
         site.mask_kind = "other"
-    if site.mask_kind.startswith("causal"):
-        site.causal = True
+    if site.mask_kind.startswith("causal") or (
+            site.mask_kind == "other" and _within_causal(mval, site.mask_invert)):
+        site.causal = True  # a banded causal mask (sliding window) is causal too
     if site.layout == "bhnd" and not site.k_fix and site.kv_heads == site.heads:  # type: ignore
         kp = strip_repeat(site.k, gm, values, site.heads)
         vp = strip_repeat(site.v, gm, values, site.heads) if not site.v_fix else None  # type: ignore
