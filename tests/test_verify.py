@@ -218,3 +218,24 @@ def test_real_minilm_padded_batch_after_unpadded_conversion() -> None:
         out = new(**batch).last_hidden_state
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_two_variant_module_pickles_and_saves(tmp_path) -> None:
+    """A module installed with two graphs (mask absent / given) survives torch.save and
+    fr.save / fr.load, and still chooses per call."""
+    e = zoo.build("bert")
+    ex = dict(e.example_inputs)
+    ones = {**ex, "attention_mask": torch.ones_like(ex["attention_mask"])}
+    new = fr.convert(e.model, kernel="performer", dk=None, example_inputs=ones)
+    attn = new.get_submodule("encoder.layer.0.attention.self")
+    assert type(attn)._flurka_when_given == ("attention_mask",)
+    torch.save(new, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    fr.save(new, tmp_path / "saved", example_inputs=ones)
+    loaded = fr.load(tmp_path / "saved")
+    with torch.no_grad():
+        want = new(**ex).last_hidden_state
+        for other in (back, loaded):
+            torch.testing.assert_close(other(**ex).last_hidden_state, want, atol=0, rtol=0)
+            torch.testing.assert_close(other(**ones).last_hidden_state,
+                                       new(**ones).last_hidden_state, atol=0, rtol=0)
