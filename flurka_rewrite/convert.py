@@ -69,6 +69,13 @@ def _row(site, choice=None) -> SiteReport:
     return r
 
 
+def _batch(ex: Any) -> int:
+    """The leading size of the first tensor of an example (0 when there is none)."""
+    leaves = ex.values() if isinstance(ex, dict) else ex if isinstance(ex, (tuple, list)) \
+        else [ex]
+    return next((t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and t.dim()), 0)
+
+
 def refuse_output_attentions(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of a converted Hugging Face model: ``output_attentions=True`` raises,
     since rewritten sites compute no attention weights (Hugging Face records them with hooks
@@ -91,6 +98,9 @@ def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
         if ex is not None:
             cap = capture_example(target, ex)
             units = analyse(target, cap, cfg, padded_probe(target, cap))
+            if _batch(cap) == 2 * _batch(ex):  # a batch of one captured as two: FLOPs of one
+                for s in (x for u in units for x in u.sites if x.batch):
+                    s.batch //= 2
         else:
             units = analyse_static(target, cfg)
         sites = [s for u in units for s in u.sites]
