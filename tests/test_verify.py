@@ -239,3 +239,19 @@ def test_two_variant_module_pickles_and_saves(tmp_path) -> None:
             torch.testing.assert_close(other(**ex).last_hidden_state, want, atol=0, rtol=0)
             torch.testing.assert_close(other(**ones).last_hidden_state,
                                        new(**ones).last_hidden_state, atol=0, rtol=0)
+
+
+def test_batch_of_one_example_accepts_other_batches() -> None:
+    """torch.export fixes size-1 dims: a batch-of-one example is captured as two, so the
+    converted model runs batches of 1 and 3; FLOPs are reported for the batch of one."""
+    from models_realworld import InPlaceScale  # captured with torch.export
+    m = InPlaceScale().eval()
+    x1 = _x(b=1)
+    rep1 = fr.plan(m, kernel="softmax", dk=None, example_inputs=(x1,))
+    rep2 = fr.plan(m, kernel="softmax", dk=None, example_inputs=(_x(b=2),))
+    assert rep1.sites[0].flops_before * 2 == rep2.sites[0].flops_before
+    new = fr.convert(m, kernel="softmax", dk=None, example_inputs=(x1,))
+    with torch.no_grad():
+        for b in (1, 3):
+            x = _x(b=b)
+            torch.testing.assert_close(new(x), m(x), atol=ATOL, rtol=RTOL)
