@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     import flurka_rewrite as fr
 
     options, out_kind = _validate(args)
-    shape = parse_shape(args.example_shape) if args.example_shape else None
+    shape = parse_shape(args.example_shape) if args.example_shape is not None else None
     progress = _Progress(3 if args.dry_run else 4, args.quiet)
     progress.step(f"loading {'the demo model' if args.demo else repr(args.input)}")
     loaded = _load(args)

@@ -59,5 +59,12 @@ class RewriteConfig:
                              f"{', '.join(E_INIT_CHOICES)}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ValueError("filter_fn must be callable (module_path, site) -> bool")
-        if self.max_seq_len is not None and self.max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be positive; got {self.max_seq_len}")
+        ml = self.max_seq_len
+        if ml is not None and (isinstance(ml, bool) or not isinstance(ml, int) or ml < 1):
+            raise ValueError(f"max_seq_len must be a positive int or None; got {ml!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or \
+                not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be an int in [0, 2**63); got {self.seed!r}")
+        for name in ("inplace", "hoist"):  # "no" is a truthy string: refuse, do not guess
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")

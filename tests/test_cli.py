@@ -128,6 +128,8 @@ BAD = {
     "unknown-backend": (["--demo", "-o", "{tmp}/o.pt2", "--backend", "cuda"], 2,
                         "unknown backend"),
     "bad-shape": (["--demo", "-o", "{tmp}/o.pt2", "--example-shape", "2x63"], 2, "B,N"),
+    "empty-shape": (["--demo", "-o", "{tmp}/o.pt2", "--example-shape", ""], 2, "B,N"),
+    "huge-seed": (["--demo", "-o", "{tmp}/o.pt2", "--seed", str(2 ** 70)], 2, "seed must be"),
     "unknown-flag": (["--demo", "-o", "{tmp}/o.pt2", "--fast"], 2, "unrecognized"),
     "no-output": (["--demo"], 2, "-o OUTPUT is required"),
     "bad-output-suffix": (["--demo", "-o", "{tmp}/o.onnx"], 2, "unsupported output"),

@@ -139,7 +139,13 @@ def test_untraceable_model_without_inputs_is_a_clear_error(name: str) -> None:
     ({"dk": 0}, "dk must be"),
     ({"backend": "cuda"}, "unknown backend"),
     ({"kernel": "rnn", "num_features": 8}, "num_features"),
-], ids=["kernel", "dk", "backend", "num_features"])
+    ({"seed": 2 ** 70}, "seed must be"),
+    ({"seed": "x"}, "seed must be"),
+    ({"max_seq_len": "64"}, "max_seq_len must be"),
+    ({"hoist": "no"}, "hoist must be True or False"),
+    ({"inplace": "no"}, "inplace must be True or False"),
+], ids=["kernel", "dk", "backend", "num_features", "seed-big", "seed-str", "max_seq_len-str",
+        "hoist-str", "inplace-str"])
 def test_invalid_options_fail_loudly(kw: dict, match: str) -> None:
     case = build("sdpa_padding")
     with pytest.raises(ValueError, match=match):
