@@ -6,7 +6,7 @@
 """
 from .attention import FlurkaAttention
 from .config import RewriteConfig
-from .convert import AllSitesSkippedWarning, convert, plan
+from .convert import AllSitesSkippedWarning, AlreadyConvertedWarning, convert, plan
 from .report import RewriteReport, SiteReport
 from .onnx_export import export_onnx
 from .saving import load, save
@@ -16,4 +16,5 @@ __version__ = "0.1.0"
 
 __all__ = ["FlurkaAttention", "RewriteConfig", "RewriteReport", "SiteReport", "convert", "plan",
            "__version__"]
-__all__ += ["export_onnx", "load", "save", "distill", "DistillResult", "AllSitesSkippedWarning"]
+__all__ += ["export_onnx", "load", "save", "distill", "DistillResult", "AllSitesSkippedWarning",
+            "AlreadyConvertedWarning"]

@@ -16,12 +16,17 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from flurka_rewrite.attention import FlurkaAttention
 from flurka_rewrite.config import RewriteConfig
 from flurka_rewrite.passes.apply import NOT_VERIFIED, apply_all
 from flurka_rewrite.passes.plan_sites import analyse, decide
 from flurka_rewrite.passes.probe import capture_example, padded_probe
 from flurka_rewrite.passes.static_plan import analyse_static
 from flurka_rewrite.report import RewriteReport, SiteReport
+
+
+class AlreadyConvertedWarning(UserWarning):
+    """``convert`` was given a model that an earlier ``convert`` already rewrote."""
 
 
 class AllSitesSkippedWarning(UserWarning):
@@ -91,8 +96,12 @@ def refuse_output_attentions(module: nn.Module, args: tuple, kwargs: dict) -> No
 def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
          ) -> tuple[nn.Module, RewriteReport]:
     ex = _example_inputs(model, example_inputs)
+    if any(isinstance(m, FlurkaAttention) for m in model.modules()):
+        warnings.warn(f"{type(model).__name__} already holds FlurkaAttention modules (it was "
+                      "converted before); its rewritten sites are not attention sites any more "
+                      "and are left as they are", AlreadyConvertedWarning, stacklevel=3)
     target = model if (build and cfg.inplace) else copy.deepcopy(model)
-    was_training = target.training
+    modes = [(m, m.training) for m in target.modules()]  # each module's own train/eval mode
     target.eval()
     try:
         if ex is not None:
@@ -112,7 +121,14 @@ def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
                 if s.ok:
                     s.notes_for_report.append(NOT_VERIFIED)
     finally:
-        target.train(was_training)
+        for m, training in modes:
+            m.training = training
+        known = {id(m) for m, _ in modes}
+        for m in list(target.modules()):  # modules the rewrite added take their parent's mode
+            for child in m.children():
+                if id(child) not in known:
+                    child.train(m.training)
+                    known.update(id(x) for x in child.modules())
     report = RewriteReport(sites=[_row(s) for s in sorted(sites, key=lambda s: s.index)],
                            model=type(model).__name__, config=_config_dict(cfg))
     for s in sites:

@@ -255,3 +255,17 @@ def test_batch_of_one_example_accepts_other_batches() -> None:
         for b in (1, 3):
             x = _x(b=b)
             torch.testing.assert_close(new(x), m(x), atol=ATOL, rtol=RTOL)
+
+
+def test_inplace_keeps_each_module_mode_and_reconversion_warns() -> None:
+    """convert(inplace=True) restores every submodule's own train/eval mode (new FLuRKA
+    modules take their parent's); converting a converted model warns."""
+    m = TwoSites()
+    m.train()
+    m.qkv2.eval()  # a frozen part in eval mode inside a training model
+    x = _x()
+    new = fr.convert(m, kernel="performer", dk=None, example_inputs=(x,), inplace=True)
+    assert new is m and m.training and not m.qkv2.training and m.qkv1.training
+    assert all(a.training for a in m.modules() if isinstance(a, fr.FlurkaAttention))
+    with pytest.warns(fr.AlreadyConvertedWarning):
+        fr.plan(m, kernel="performer", dk=None, example_inputs=(x,))
