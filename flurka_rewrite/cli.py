@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 import warnings
@@ -41,6 +42,20 @@ EXIT_CODES = {
     9: "a needed optional package is missing (e.g. transformers for a Hugging Face directory)",
     130: "interrupted",
 }
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (escape sequences from a model's
+    config.json, say) and undecodable bytes of file names are shown escaped, not sent."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _say(text: str, stream: Any = None) -> None:
+    print(printable(text), file=stream or sys.stdout, flush=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,8 +133,7 @@ class _Progress:
         self.i += 1
         if not self.quiet:
             dt = time.perf_counter() - self.t0
-            print(f"{PROG}: [{self.i}/{self.total}] {text} (t={dt:.1f}s)", file=sys.stderr,
-                  flush=True)
+            _say(f"{PROG}: [{self.i}/{self.total}] {text} (t={dt:.1f}s)", sys.stderr)
 
 
 # -- outputs ---------------------------------------------------------------------------------
@@ -303,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{type(loaded.module).__name__} (kernel={args.kernel}, dk={args.dk})")
     report, new_model = _compile(loaded, inputs, options, args.dry_run)
     if new_model is not None and not report.rewritten:
-        print(report)  # the reasons, one per site
+        _say(str(report))  # the reasons, one per site
         raise ConversionError(
             f"all {len(report.sites)} attention sites were skipped (reasons in the report "
             "above), so nothing was written"
@@ -323,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
                           "measure the converted model's error)")
     measured = None if err is None else (
         f"end-to-end: relative error of the model output on the example inputs = {err:.3e}")
-    print(report if measured is None else f"{report}\n{measured}")
+    _say(str(report) if measured is None else f"{report}\n{measured}")
     if args.report:
         _write_text(args.report, report.to_json() if args.report.lower().endswith(".json")
                     else report.to_markdown() + (f"\n{measured}\n" if measured else ""))
@@ -339,8 +353,8 @@ def run(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001
             raise ConversionError(f"ONNX export failed: {_one_line(e)}") from e
     if not args.quiet:
-        print(f"{PROG}: wrote {args.output}" + (f" and {args.onnx}" if args.onnx else ""),
-              file=sys.stderr)
+        _say(f"{PROG}: wrote {args.output}" + (f" and {args.onnx}" if args.onnx else ""),
+             sys.stderr)
     return 0
 
 
@@ -360,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         if debug:
             raise
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        _say(f"{PROG}: error: {e}", sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -368,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - never a raw traceback
         if debug:
             raise
-        print(f"{PROG}: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug "
-              "for the traceback)", file=sys.stderr)
+        _say(f"{PROG}: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug "
+             "for the traceback)", sys.stderr)
         return 1
 
 

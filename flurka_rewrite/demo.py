@@ -177,7 +177,9 @@ def load_converted(path: str) -> nn.Module:
     """A converted model written by the CLI: a .pt2 program, or a .pt module (pickle: only
     for files you wrote yourself)."""
     if path.endswith(".pt2"):
-        return torch.export.load(path).module()
+        from flurka_rewrite.pt2_safe import load_program
+
+        return load_program(path).module()
     return torch.load(path, map_location="cpu", weights_only=False)
 
 

@@ -2,7 +2,8 @@
 
 Inputs are recognised by content, not only by name:
 
-* a ``torch.export`` program (``.pt2``): loaded with ``torch.export.load``, no pickle;
+* a ``torch.export`` program (``.pt2``): checked, then loaded with nothing from the file run
+  (``pt2_safe``); one that is not plain data is refused unless ``trust_pickle=True``;
 * a Hugging Face model directory (``config.json`` + safetensors): loaded offline;
 * a full pickled module (``torch.save(model)``, ``.pt``/``.pth``): unpickling can run arbitrary
   code, so it is refused unless ``trust_pickle=True``;
@@ -115,7 +116,7 @@ def load_model(path: str, *, trust_pickle: bool = False, quiet: bool = False) ->
             "Hugging Face model directory that holds it and its config.json")
     names = _zip_names(path)
     if names is not None and any(n.endswith("/archive_format") for n in names):
-        return _load_program(path)
+        return _load_program(path, trust_pickle)
     if names is not None and not any(n.endswith("data.pkl") for n in names):
         raise InputFileError(f"{path!r} is a zip archive but neither a torch.export program "
                              "(.pt2) nor a torch.save file")
@@ -134,27 +135,31 @@ def _starts_like_pickle(path: str) -> bool:
         return f.read(1) == b"\x80"
 
 
-def _export_load(path: str) -> Any:
-    """torch.export.load; programs of Hugging Face models return ModelOutput classes, whose
-    pytree registration happens when transformers is imported: on failure, import and retry."""
+def _load_program(path: str, trust: bool) -> LoadedModel:
+    """A ``.pt2``: checked and loaded without running anything from the file (``pt2_safe``);
+    with ``trust`` (``--trust-pickle``) one that is not plain data is loaded by
+    ``torch.export.load`` itself."""
+    from flurka_rewrite.pt2_safe import UnsafeProgramError, load_program
+
     with _quiet_torch_export():
         try:
-            return torch.export.load(path)
-        except Exception as first:  # noqa: BLE001
-            try:
-                import transformers.modeling_outputs  # noqa: F401
-            except ImportError:
-                raise first from None
-            return torch.export.load(path)
-
-
-def _load_program(path: str) -> LoadedModel:
-    try:
-        ep = _export_load(path)
-        module = ep.module()
-    except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
-        raise InputFileError(f"could not load the torch.export program {path!r} "
-                             f"({type(e).__name__}: {_one_line(e)})") from e
+            ep = load_program(path)
+        except UnsafeProgramError as e:
+            if not trust:
+                raise UnsafePickleError(
+                    f"{path!r} is refused: {e}. Loading it could run code from the file; if "
+                    "you trust where it came from, rerun with --trust-pickle") from e
+            ep = _trusted_program(path)
+        except OSError as e:
+            raise InputFileError(f"could not read {path!r}: {e.strerror or e}") from e
+        except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
+            raise InputFileError(f"could not load the torch.export program {path!r} "
+                                 f"({type(e).__name__}: {_one_line(e)})") from e
+        try:
+            module = ep.module()
+        except Exception as e:  # noqa: BLE001
+            raise InputFileError(f"could not rebuild the module of the torch.export program "
+                                 f"{path!r} ({type(e).__name__}: {_one_line(e)})") from e
     recorded = None
     try:
         ex = ep.example_inputs
@@ -163,6 +168,20 @@ def _load_program(path: str) -> LoadedModel:
     except Exception:  # noqa: BLE001 - programs saved without sample inputs
         recorded = None
     return LoadedModel(module=module, kind="pt2", source=path, recorded_inputs=recorded)
+
+
+def _trusted_program(path: str) -> Any:
+    """torch.export.load, once (the user vouched for the file)."""
+    try:
+        import transformers.modeling_outputs  # noqa: F401 - ModelOutput pytree classes
+    except ImportError:
+        pass
+    try:
+        with open(path, "rb") as f:
+            return torch.export.load(f)
+    except Exception as e:  # noqa: BLE001
+        raise InputFileError(f"could not load the torch.export program {path!r} "
+                             f"({type(e).__name__}: {_one_line(e)})") from e
 
 
 def _looks_like_state_dict(obj: Any) -> bool:
