@@ -10,20 +10,24 @@ to stdout. Every error is one line on stderr and a distinct exit code (``EXIT_CO
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
+import signal
 import sys
+import tempfile
 import time
 import warnings
-from typing import Any, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 
-from flurka_rewrite.atomic import atomic_write
+from flurka_rewrite.atomic import atomic_write, write_bytes
 from flurka_rewrite.config import KERNEL_CHOICES, RewriteConfig
 from flurka_rewrite.io import (
     CliError, ConversionError, LoadedModel, NoAttentionError,
-    OutputExistsError, UsageError, _one_line, example_inputs_for, load_model, seq_len_of,
+    OutputExistsError, OutputWriteError, UsageError, _one_line, example_inputs_for, load_model, seq_len_of,
 )
 from flurka_rewrite.kernels.dispatch import BACKENDS
 
@@ -33,14 +37,19 @@ EXIT_CODES = {
     1: "internal error (a bug: rerun with --debug and report the traceback)",
     2: "invalid option (--dk 0, --dk larger than the sequence, unknown kernel, ...)",
     3: "input missing, unreadable, truncated or corrupt",
-    4: "pickled model refused: unpickling can run arbitrary code (see --trust-pickle)",
+    4: "input refused: loading it could run code from the file (a pickled model, or a "
+       ".pt2 that is not plain data; see --trust-pickle)",
     5: "the input holds weights (a state_dict), not a model",
     6: "no attention found in the model",
     7: "conversion failed, every attention site was skipped, or the converted model could "
        "not be exported",
-    8: "output exists (use --force) or is the input (never overwritten)",
+    8: "output exists (use --force), is not a save of this tool (never replaced), or is, "
+       "holds or lies inside an input (never written)",
     9: "a needed optional package is missing (e.g. transformers for a Hugging Face directory)",
-    130: "interrupted",
+    10: "an output could not be written (read-only or full disk, no permission); nothing "
+        "was written",
+    130: "interrupted (Ctrl-C); temporaries removed, nothing written",
+    143: "terminated (SIGTERM); temporaries removed, nothing written",
 }
 
 
@@ -137,26 +146,96 @@ class _Progress:
 
 
 # -- outputs ---------------------------------------------------------------------------------
-def _same_file(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
+FILE_SUFFIXES = (".pt2", ".pt", ".pth")
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(path))
+
+
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies inside it (real paths: links resolved)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_apart(path: str, sources: list[str]) -> None:
+    """No output may be an input, contain one, or lie inside an input directory."""
+    out = _real(path)
+    for src in sources:
+        real = _real(src)
+        if out == real or (os.path.exists(path) and os.path.exists(src)
+                           and os.path.samefile(path, src)):
+            raise OutputExistsError(f"output {path!r} is the input {src!r}; {PROG} never "
+                                    "overwrites an input: choose another output path")
+        if _inside(real, out):
+            raise OutputExistsError(f"output {path!r} contains the input {src!r}; writing it "
+                                    "would delete the input: choose another output path")
+        if os.path.isdir(src) and _inside(out, real):
+            raise OutputExistsError(f"output {path!r} lies inside the input directory {src!r}; "
+                                    f"{PROG} never writes into an input: choose a path outside it")
+
+
+def _check_writable(path: str) -> None:
+    """The folder an output goes to (or its nearest existing ancestor) takes a new file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise OutputWriteError(f"cannot write {path!r}: {folder!r} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".flurka-{os.getpid()}-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise OutputWriteError(f"cannot write {path!r}: {folder!r} is not writable "
+                               f"({e.strerror or e}); choose another output path") from e
 
 
 def check_output(path: str, sources: list[str], force: bool, suffixes: tuple[str, ...]) -> str:
     """Validate an output path before any work; return its suffix (or "dir")."""
-    for src in sources:
-        if src and _same_file(path, src):
-            raise OutputExistsError(f"output {path!r} is the input; {PROG} never overwrites its "
-                                    "input, choose another output path")
-    is_dir = path.endswith(os.sep) or os.path.isdir(path) or not os.path.splitext(path)[1]
-    kind = "dir" if is_dir else os.path.splitext(path)[1].lower()
+    _check_apart(path, sources)
+    ext = os.path.splitext(path.rstrip(os.sep))[1].lower()
+    is_dir = path.endswith(os.sep) or not ext or (os.path.isdir(path) and ext not in suffixes)
+    kind = "dir" if is_dir else ext
+    path = path.rstrip(os.sep) or path  # "file/" names the file, for the checks below
     if kind not in suffixes:
         raise UsageError(f"unsupported output {path!r}: expected one of "
-                         f"{', '.join(s for s in suffixes if s != 'dir')}")
-    if os.path.exists(path) and not force:
-        raise OutputExistsError(f"output {path!r} exists; pass --force to overwrite it")
+                         f"{', '.join(s if s != 'dir' else 'a directory' for s in suffixes)}")
+    if os.path.lexists(path):
+        if kind != "dir" and os.path.isdir(path):
+            raise OutputExistsError(f"output {path!r} exists and is a directory; {PROG} writes "
+                                    f"a {kind} file there only in place of a file")
+        if kind == "dir" and not os.path.isdir(path):
+            raise OutputExistsError(f"output {path!r} exists and is not a directory; choose "
+                                    "another path for the save directory")
+        if kind == "dir" and not os.listdir(path):
+            pass  # an empty directory is filled without --force
+        elif not force:
+            raise OutputExistsError(f"output {path!r} exists; pass --force to overwrite it")
+        elif kind == "dir":
+            from flurka_rewrite.saving import foreign_files
+
+            foreign = foreign_files(path)
+            if foreign is not None:
+                raise OutputExistsError(
+                    f"output {path!r} is not a directory written by {PROG} (it holds "
+                    f"{', '.join(foreign)}); refusing to replace it even with --force: "
+                    "choose a new directory")
+    _check_writable(path)
     return kind
+
+
+@contextlib.contextmanager
+def _publishing(path: str) -> Iterator[None]:
+    """Map write failures onto the CLI's errors; the writers leave no partial file."""
+    try:
+        yield
+    except FileExistsError as e:
+        raise OutputExistsError(f"output {path!r} appeared while converting (another run?); "
+                                "nothing was written: pass --force to overwrite it") from e
+    except OSError as e:
+        raise OutputWriteError(f"could not write {path!r}: {e.strerror or e}; nothing was "
+                               "written (an earlier file there is unchanged)") from e
 
 
 def _split(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -165,7 +244,15 @@ def _split(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
 
 
-def export_program(model: torch.nn.Module, inputs: Any, path: str) -> None:
+def _in_memory(save: Callable[[Any], None]) -> bytes:
+    """What ``save(file)`` writes, as bytes (torch's C++ writer aborts the process on a full
+    disk; Python's file writes raise instead)."""
+    buf = io.BytesIO()
+    save(buf)
+    return buf.getvalue()
+
+
+def export_program(model: torch.nn.Module, inputs: Any, path: str, force: bool = True) -> None:
     """torch.export ``model`` on ``inputs`` (batch and sequence dims dynamic where the model
     allows, else static) and save it atomically to ``path``."""
     if inputs is None:
@@ -186,24 +273,31 @@ def export_program(model: torch.nn.Module, inputs: Any, path: str) -> None:
     except Exception as e:  # noqa: BLE001
         raise ConversionError(f"could not torch.export the converted model: {_one_line(e)}; "
                               "write a .pt output instead") from e
-    atomic_write(path, lambda tmp: torch.export.save(ep, tmp))
+    data = _in_memory(lambda f: torch.export.save(ep, f))
+    with _publishing(path):
+        atomic_write(path, lambda tmp: write_bytes(tmp, data), replace=force)
 
 
-def write_model(model: torch.nn.Module, kind: str, path: str, inputs: Any) -> None:
-    """Write the converted model as ``.pt2``, ``.pt``/``.pth`` or a save directory."""
+def write_model(model: torch.nn.Module, kind: str, path: str, inputs: Any,
+                force: bool = True) -> None:
+    """Write the converted model as ``.pt2``, ``.pt``/``.pth`` or a save directory; replace an
+    existing output only with ``force``."""
     if kind == ".pt2":
-        export_program(model, inputs, path)
+        export_program(model, inputs, path, force)
     elif kind in (".pt", ".pth"):
         try:
-            atomic_write(path, lambda tmp: torch.save(model, tmp))
+            data = _in_memory(lambda f: torch.save(model, f))
         except Exception as e:  # noqa: BLE001 - e.g. a class pickle cannot find by name
             raise ConversionError(f"could not torch.save the converted model: {type(e).__name__}:"
                                   f" {_one_line(e)}; write a .pt2 instead") from e
+        with _publishing(path):
+            atomic_write(path, lambda tmp: write_bytes(tmp, data), replace=force)
     else:
         import flurka_rewrite as fr
 
         # fr.save writes atomically and only ever replaces an earlier save directory.
-        fr.save(model, path, example_inputs=inputs, overwrite=True)
+        with _publishing(path):
+            fr.save(model, path, example_inputs=inputs, overwrite=force)
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -251,14 +345,22 @@ def _validate(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
     except ValueError as e:
         raise UsageError(f"invalid option: {e}") from e
     sources = [] if args.demo else [args.input]
-    out_kind = None
-    if args.output and not args.dry_run:
-        out_kind = check_output(args.output, sources, args.force, (".pt2", ".pt", ".pth", "dir"))
-    if args.report:
-        check_output(args.report, sources, args.force, (".json", ".md"))
-    if args.onnx and not args.dry_run:
-        check_output(args.onnx, sources, args.force, (".onnx",))
-    return options, out_kind
+    outputs = [(args.output, (*FILE_SUFFIXES, "dir")) if args.output and not args.dry_run
+               else None, (args.report, (".json", ".md")) if args.report else None,
+               (args.onnx, (".onnx",)) if args.onnx and not args.dry_run else None]
+    kinds = []
+    for i, entry in enumerate(outputs):
+        if entry is None:
+            kinds.append(None)
+            continue
+        path, suffixes = entry
+        others = [o[0] for o in outputs[:i] if o is not None]
+        for other in others:  # two outputs on one path would overwrite each other
+            if _real(other) == _real(path) or _inside(_real(path), _real(other)):
+                raise UsageError(f"outputs {other!r} and {path!r} are the same path or one "
+                                 "lies inside the other; give each output its own path")
+        kinds.append(check_output(path, sources, args.force, suffixes))
+    return options, kinds[0]
 
 
 def _compile(loaded: LoadedModel, inputs: Any, options: dict[str, Any], dry_run: bool
@@ -292,11 +394,9 @@ def _compile(loaded: LoadedModel, inputs: Any, options: dict[str, Any], dry_run:
     return report, new_model
 
 
-def _write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
+def _write_text(path: str, text: str, force: bool) -> None:
+    with _publishing(path):
+        atomic_write(path, lambda tmp: write_bytes(tmp, text.encode("utf-8")), replace=force)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -319,8 +419,8 @@ def run(args: argparse.Namespace) -> int:
     if new_model is not None and not report.rewritten:
         _say(str(report))  # the reasons, one per site
         raise ConversionError(
-            f"all {len(report.sites)} attention sites were skipped (reasons in the report "
-            "above), so nothing was written"
+            f"all {len(report.sites)} attention sites were skipped (the reasons are in the "
+            "report printed on stdout), so nothing was written"
             + ("; most often the fix is example inputs: pass --example-shape B,N"
                if inputs is None else ""))
     err = None
@@ -340,14 +440,16 @@ def run(args: argparse.Namespace) -> int:
     _say(str(report) if measured is None else f"{report}\n{measured}")
     if args.report:
         _write_text(args.report, report.to_json() if args.report.lower().endswith(".json")
-                    else report.to_markdown() + (f"\n{measured}\n" if measured else ""))
+                    else report.to_markdown() + (f"\n{measured}\n" if measured else ""),
+                    args.force)
     if new_model is None:
         return 0
     progress.step(f"writing {args.output!r}")
-    write_model(new_model, out_kind, args.output, inputs)
+    write_model(new_model, out_kind, args.output, inputs, args.force)
     if args.onnx:
         try:
-            fr.export_onnx(new_model, inputs, args.onnx)  # writes atomically itself
+            with _publishing(args.onnx):
+                fr.export_onnx(new_model, inputs, args.onnx)  # writes atomically itself
         except CliError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -358,9 +460,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every ``finally`` removes its
+    temporaries."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` while the CLI runs (main thread only)."""
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code; errors are one line on stderr (``--debug``:
     the traceback)."""
+    with _sigterm_raises():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
@@ -377,8 +507,11 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"{PROG}: error: {e}", sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{PROG}: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
     except Exception as e:  # noqa: BLE001 - never a raw traceback
         if debug:
             raise

@@ -93,6 +93,39 @@ def refuse_output_attentions(module: nn.Module, args: tuple, kwargs: dict) -> No
             "or convert with filter_fn=... excluding the sites whose weights you need")
 
 
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx",
+                   "max_len")
+
+
+def position_limit(model: nn.Module) -> tuple[int, str] | None:
+    """(the longest sequence the model's config allows, the config field), if it says."""
+    config = getattr(model, "config", None)
+    for name in POSITION_LIMITS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, name
+    return None
+
+
+def _check_runs(model: nn.Module, ex: Any) -> None:
+    """The original model runs on the example inputs; else a ValueError that says so (and
+    names the position limit when the sequence is longer), not an error from deep inside."""
+    args, kwargs = ((), ex) if isinstance(ex, dict) else (
+        (tuple(ex) if isinstance(ex, (tuple, list)) else (ex,)), {})
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's model itself
+        leaves = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        n = next((int(t.shape[1]) for t in leaves if t.dim() >= 2), None)
+        limit = position_limit(model)
+        hint = (f"; its config allows at most {limit[0]} positions ({limit[1]}) and the example "
+                f"has {n}" if limit and n and n > limit[0] else "")
+        raise ValueError(f"{type(model).__name__} itself fails on the example inputs, before "
+                         f"any rewrite ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                         f"{hint}: pass example inputs the model accepts") from e
+
+
 def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
          ) -> tuple[nn.Module, RewriteReport]:
     ex = _example_inputs(model, example_inputs)
@@ -106,6 +139,7 @@ def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
     try:
         if ex is not None:
             cap = capture_example(target, ex)
+            _check_runs(target, cap)
             units = analyse(target, cap, cfg, padded_probe(target, cap))
             if _batch(cap) == 2 * _batch(ex):  # a batch of one captured as two: FLOPs of one
                 for s in (x for u in units for x in u.sites if x.batch):

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,16 +153,13 @@ def export_demo(path: str, batch: int = 2, seq_len: int = 256) -> None:
 
 
 def _atomic_save_program(ep: Any, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=folder)
-    os.close(fd)
-    try:
-        torch.export.save(ep, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    import io
+
+    from flurka_rewrite.atomic import atomic_write, write_bytes
+
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    atomic_write(path, lambda tmp: write_bytes(tmp, buf.getvalue()))
 
 
 def rel_error(out: Tensor, ref: Tensor) -> float:

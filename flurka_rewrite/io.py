@@ -64,6 +64,10 @@ class FeatureUnavailableError(CliError):
     exit_code = 9  # asked for a feature this build does not have yet
 
 
+class OutputWriteError(CliError):
+    exit_code = 10  # an output could not be written: read-only, no permission, disk full
+
+
 @dataclass
 class LoadedModel:
     """A model read from disk, with what the CLI needs to build example inputs."""
@@ -242,9 +246,19 @@ def _load_directory(path: str, quiet: bool) -> LoadedModel:
         return _load_hf(path, quiet)
     if os.path.exists(os.path.join(path, "recipe.json")):  # written by flurka_rewrite.save
         import flurka_rewrite as fr
+        from flurka_rewrite.saving import read_recipe
 
         try:
+            base = read_recipe(path).get("base_model")
+            if isinstance(base, dict) and base.get("kind") != "huggingface":
+                raise InputFileError(
+                    f"{path!r} holds a converted {base.get('module')}.{base.get('class')}, which "
+                    "the CLI cannot rebuild (only Hugging Face models are rebuilt from a save); "
+                    "load it in Python: flurka_rewrite.load(path, base_model=<a new instance "
+                    "of that class>)")
             return LoadedModel(module=fr.load(path), kind="flurka", source=path)
+        except CliError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise InputFileError(f"could not load {path!r}: {_one_line(e)}") from e
     raise InputFileError(f"directory {path!r} has no config.json and no recipe.json: it is "
@@ -362,6 +376,13 @@ def example_inputs_for(loaded: LoadedModel, shape: tuple[int, int] | None,
             raise UsageError(f"--example-shape B,N builds token ids, but {type(model).__name__} "
                              f"takes {getattr(model, 'main_input_name', '?')!r}; omit "
                              "--example-shape to use the model's dummy inputs")
+        from flurka_rewrite.convert import position_limit
+
+        limit = position_limit(model)
+        if limit and N > limit[0]:
+            raise UsageError(f"--example-shape {B},{N}: {type(model).__name__} takes at most "
+                             f"{limit[0]} positions ({limit[1]} in its config.json); choose "
+                             f"N <= {limit[0]}")
         ids = torch.randint(0, vocab, (B, N), generator=g)  # (B, N)
         inputs = {"input_ids": ids, "attention_mask": torch.ones(B, N, dtype=torch.long)}
         if getattr(loaded.hf_config, "is_encoder_decoder", False):

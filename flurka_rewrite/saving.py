@@ -12,36 +12,36 @@ A directory holds:
   (the captured graphs depend on them, e.g. on whether a mask was passed);
 * ``recipe.json``: how to rebuild the base model, the conversion options, the report (per-site
   decisions), each ``FlurkaAttention``'s settings, the example inputs' structure, shapes and
-  dtypes, the weights' checksum and the library version.
+  dtypes, the weights' checksum, the library version and (format version 2) a SHA-256 of
+  the recipe itself.
 
-``load`` rebuilds the base model, loads the saved weights of its own layers, converts it again
-with the recipe (no download, no pickle), checks that every site gets the decision the saved
-model had, and loads all weights with ``strict=True``: the outputs are those of the saved
-model, bit for bit. ``save`` writes into a temporary directory that is renamed into place
-only when complete.
+``load`` first validates every recipe field against the stored weights
+(``flurka_rewrite/recipe_check.py``), then rebuilds the base model, loads the saved weights of
+its own layers, converts it again with the recipe (no download, no pickle), checks that every
+site gets the decision the saved model had, and loads all weights with ``strict=True``: the
+outputs are those of the saved model, bit for bit. ``save`` writes into a temporary directory
+that is renamed into place only when complete.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from flurka_rewrite.atomic import atomic_dir, write_bytes
 from flurka_rewrite.attention import FlurkaAttention
 
 RECIPE_FILE = "recipe.json"
 WEIGHTS_FILE = "model.safetensors"
 INPUTS_FILE = "example_inputs.safetensors"
 FORMAT = "flurka-rewrite-save"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: recipe.json carries its own SHA-256 (recipe_sha256)
 FILTERED = "excluded by filter_fn"
 # Report fields that make up a site's decision (rel_error, FLOPs and notes may differ).
 DECISION_FIELDS = ("path", "pattern", "status", "kernel", "dk", "num_features", "hoisted",
@@ -155,40 +155,45 @@ def _json_default(obj: Any) -> Any:
     return repr(obj)  # e.g. a callable in a config: informative only
 
 
-@contextlib.contextmanager
-def _atomic_dir(directory: str, overwrite: bool) -> Iterator[str]:
-    """Yield a temporary directory beside ``directory``; on success it replaces
-    ``directory``, on failure it is removed and ``directory`` is left as it was."""
-    directory = os.path.abspath(directory)
-    if os.path.exists(directory):
-        if not os.path.isdir(directory):
-            raise FileExistsError(f"{directory!r} exists and is not a directory; choose another "
-                                  "path for save()")
-        if os.listdir(directory) and not overwrite:
-            raise FileExistsError(f"{directory!r} exists and is not empty; pass "
-                                  "overwrite=True to replace it, or choose a new directory")
-        if os.listdir(directory) and not os.path.exists(os.path.join(directory, RECIPE_FILE)):
-            raise FileExistsError(f"{directory!r} is not a directory written by "
-                                  "flurka_rewrite.save (no recipe.json); refusing to replace "
-                                  "it even with overwrite=True")
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".flurka-save-", dir=parent)
+SAVE_FILES = (RECIPE_FILE, WEIGHTS_FILE, INPUTS_FILE)
+
+
+def foreign_files(directory: str) -> list[str] | None:
+    """None when ``directory`` is a save written by ``save`` (a recipe with this format's
+    marker and nothing but the save's own files) or empty; else the names that make it
+    someone else's (at most 5), which ``save`` must never delete."""
+    names = sorted(os.listdir(directory))
+    if not names:
+        return None
+    extra = [n for n in names if n not in SAVE_FILES]
+    if extra:
+        return extra[:5]
     try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual permissions
-        if os.path.exists(directory) and os.listdir(directory):
-            old = tempfile.mkdtemp(prefix=".flurka-old-", dir=parent)
-            os.replace(directory, old)  # a directory may replace an empty one
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        with open(os.path.join(directory, RECIPE_FILE)) as f:
+            marker = json.load(f).get("format")
+    except (OSError, ValueError, AttributeError):
+        marker = None
+    return None if marker == FORMAT else [RECIPE_FILE + " (not written by flurka-rewrite)"]
+
+
+def _check_target(directory: str, overwrite: bool) -> None:
+    """Refuse to write over anything but an earlier save (and over that without
+    ``overwrite``)."""
+    if not os.path.lexists(directory):
+        return
+    if not os.path.isdir(directory) or os.path.islink(directory):
+        raise FileExistsError(f"{directory!r} exists and is not a directory; choose another "
+                              "path for save()")
+    if not os.listdir(directory):
+        return
+    foreign = foreign_files(directory)
+    if foreign is not None:
+        raise FileExistsError(f"{directory!r} is not a directory written by flurka_rewrite.save "
+                              f"(it holds {', '.join(foreign)}); refusing to replace it, even "
+                              "with overwrite=True: choose a new directory")
+    if not overwrite:
+        raise FileExistsError(f"{directory!r} holds an earlier save; pass overwrite=True to "
+                              "replace it, or choose a new directory")
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, example_inputs: Any = None,
@@ -198,9 +203,10 @@ def save(model: nn.Module, directory: str | os.PathLike, *, example_inputs: Any 
     example_inputs: the inputs given to ``convert`` (needed unless the model records them as
     ``model.flurka_example_inputs``). overwrite: replace an earlier save directory.
     Returns the directory's absolute path."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as to_bytes
 
     from flurka_rewrite import __version__
+    from flurka_rewrite.recipe_check import CHECKSUM_FIELD, recipe_checksum
 
     report = getattr(model, "flurka_report", None)
     if report is None:
@@ -217,9 +223,12 @@ def save(model: nn.Module, directory: str | os.PathLike, *, example_inputs: Any 
     weights, aliases = _dedupe(model.state_dict())
     report_dict = report.to_dict()
     options = {k: v for k, v in report_dict["config"].items() if k not in ("filter_fn", "inplace")}
-    with _atomic_dir(os.fspath(directory), overwrite) as tmp:
-        save_file(weights, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-        save_file(input_tensors, os.path.join(tmp, INPUTS_FILE), metadata={"format": "pt"})
+    directory = os.path.abspath(os.fspath(directory))
+    _check_target(directory, overwrite)
+    with atomic_dir(directory, replace=overwrite) as tmp:
+        write_bytes(os.path.join(tmp, WEIGHTS_FILE), to_bytes(weights, metadata={"format": "pt"}))
+        write_bytes(os.path.join(tmp, INPUTS_FILE),
+                    to_bytes(input_tensors, metadata={"format": "pt"}))
         recipe = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "library_version": __version__, "torch_version": torch.__version__,
@@ -232,8 +241,11 @@ def save(model: nn.Module, directory: str | os.PathLike, *, example_inputs: Any 
             "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(os.path.join(tmp, WEIGHTS_FILE)),
                         "aliases": aliases},
         }
+        # The checksum covers the recipe as load() will read it (after JSON conversion).
+        recipe = json.loads(json.dumps(recipe, default=_json_default))
+        recipe[CHECKSUM_FIELD] = recipe_checksum(recipe)
         with open(os.path.join(tmp, RECIPE_FILE), "w") as f:
-            json.dump(recipe, f, indent=2, default=_json_default)
+            json.dump(recipe, f, indent=2)
             f.write("\n")
     return os.path.abspath(os.fspath(directory))
 
@@ -244,7 +256,9 @@ _REQUIRED = ("format", "format_version", "library_version", "base_model", "optio
 
 
 def read_recipe(directory: str | os.PathLike) -> dict[str, Any]:
-    """The recipe of a save directory, validated (``RecipeError`` when corrupt)."""
+    """The recipe of a save directory: JSON, format, fields present, format version
+    (``RecipeError`` when corrupt). ``load`` then checks every field against the weights
+    (``recipe_check.check_recipe``)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory!r} is not a directory; load() takes a directory "
@@ -256,7 +270,7 @@ def read_recipe(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         with open(path) as f:
             recipe = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, nesting, huge ints
         raise RecipeError(f"{path!r} is not valid JSON (corrupt or truncated): {e}") from e
     if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
         raise RecipeError(f"{path!r} is not a flurka-rewrite recipe (format is not {FORMAT!r})")
@@ -264,31 +278,38 @@ def read_recipe(directory: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise RecipeError(f"{path!r} lacks {', '.join(missing)}: corrupt or hand-edited; save "
                           "the model again")
-    if not isinstance(recipe["format_version"], int) or recipe["format_version"] > FORMAT_VERSION:
-        raise RecipeError(f"{path!r} has format version {recipe['format_version']!r}, newer than "
-                          f"this flurka-rewrite reads ({FORMAT_VERSION}); upgrade flurka-rewrite")
+    from flurka_rewrite.recipe_check import check_format_version
+
+    check_format_version(recipe["format_version"])
     return recipe
 
 
 def _load_weights(directory: str, recipe: dict[str, Any]) -> dict[str, Tensor]:
+    """The tensors stored in the weights file (checksum checked; aliases not applied)."""
     from safetensors.torch import load_file
 
     path = os.path.join(directory, WEIGHTS_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path!r} is missing: the save directory is incomplete")
-    want = recipe["weights"].get("sha256")
-    if want and _sha256(path) != want:
+    want = recipe["weights"].get("sha256") if isinstance(recipe["weights"], dict) else None
+    if not isinstance(want, str):
+        raise RecipeError(f"{RECIPE_FILE}: weights.sha256 must be the SHA-256 of {WEIGHTS_FILE} "
+                          f"(a string); got {want!r}. Save the model again")
+    if _sha256(path) != want:
         raise RecipeError(f"{path!r} does not match the checksum in {RECIPE_FILE}: the weights "
                           "file is corrupt or was replaced; save the model again")
     try:
         tensors = load_file(path)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
         raise RecipeError(f"could not read {path!r} (truncated or corrupt?): {e}") from e
+    return tensors
+
+
+def _with_aliases(stored: dict[str, Tensor], recipe: dict[str, Any]) -> dict[str, Tensor]:
+    """The stored tensors plus the aliases (checked by ``check_recipe``: new names only)."""
+    tensors = dict(stored)
     for alias, name in recipe["weights"].get("aliases", {}).items():
-        if name not in tensors:
-            raise RecipeError(f"{RECIPE_FILE} says {alias!r} is stored as {name!r}, which "
-                              f"{WEIGHTS_FILE} does not hold")
-        tensors[alias] = tensors[name]
+        tensors[alias] = stored[name]
     return tensors
 
 
@@ -315,7 +336,7 @@ def _rebuild_inputs(directory: str, recipe: dict[str, Any]) -> Any:
     return dict(values) if spec["kind"] == "kwargs" else tuple(v for _, v in values)
 
 
-def _rebuild_base(recipe: dict[str, Any]) -> nn.Module:
+def _rebuild_base(recipe: dict[str, Any], weights: dict[str, Tensor]) -> nn.Module:
     base = recipe["base_model"]
     if base.get("kind") != "huggingface":
         raise ValueError(
@@ -343,12 +364,26 @@ def _rebuild_base(recipe: dict[str, Any]) -> nn.Module:
             f"transformers {transformers.__version__} has no {base['class']} / "
             f"{base['config_class']} (saved with transformers {base.get('transformers_version')}); "
             f"install that version, or pass base_model=")
-    config = config_cls.from_dict(dict(base["config"]))
+    from flurka_rewrite.recipe_check import check_base_model
+
     kwargs = {"attn_implementation": base["attn_implementation"]} \
         if base.get("attn_implementation") else {}
     build = getattr(model_cls, "_from_config", None)
-    model = build(config, **kwargs) if build else model_cls(config)
-    return model.eval()
+
+    def make(config: Any) -> nn.Module:
+        return build(config, **kwargs) if build else model_cls(config)
+
+    try:  # on the meta device first: no memory, shapes to compare with the stored weights
+        config = config_cls.from_dict(dict(base["config"]))
+        with torch.device("meta"):
+            meta = make(copy.deepcopy(config))
+    except Exception as e:  # noqa: BLE001 - any error of a config transformers refuses
+        raise RecipeError(f"{RECIPE_FILE}: base_model.config does not build a {base['class']} "
+                          f"({type(e).__name__}: {e}). The recipe was edited or corrupted; "
+                          "save the model again") from e
+    check_base_model(meta, recipe, weights)
+    del meta
+    return make(config).eval()
 
 
 def _check_base_class(base_model: nn.Module, recipe: dict[str, Any]) -> None:
@@ -412,12 +447,19 @@ def _check_decisions(model: nn.Module, recipe: dict[str, Any]) -> None:
 
 
 def _restore_settings(model: nn.Module, recipe: dict[str, Any]) -> None:
+    """Set the SETTABLE / FEATURE_SETTABLE values (types and ranges checked by
+    ``check_recipe``); a feature-map setting the rebuilt map does not have is refused."""
     for path, saved in recipe["modules"].items():
         m = model.get_submodule(path)
         for k in SETTABLE:
             if k in saved:
                 setattr(m, k, saved[k])
         for k, v in (saved.get("feature_map") or {}).items():
+            if m.feature_map is None or k not in FEATURE_SETTABLE or not hasattr(m.feature_map, k):
+                raise RecipeError(
+                    f"{RECIPE_FILE}: modules[{path!r}].feature_map.{k} is not a setting of its "
+                    f"{type(m.feature_map).__name__}. The recipe was edited or corrupted; save "
+                    "the model again")
             setattr(m.feature_map, k, v)
 
 
@@ -441,13 +483,17 @@ def load(directory: str | os.PathLike, *, base_model: nn.Module | None = None,
     there is no general way to rebuild an arbitrary architecture. Hugging Face models are
     rebuilt from the saved config (no download) when it is None. device: where to put the
     model (default: CPU). Returns the converted model in eval mode, with ``.flurka_report``."""
+    from flurka_rewrite.recipe_check import check_recipe
+
     directory = os.fspath(directory)
     recipe = read_recipe(directory)
-    weights = _load_weights(directory, recipe)
+    stored = _load_weights(directory, recipe)
+    check_recipe(recipe, stored, rebuild_base=base_model is None)  # before anything is built
+    weights = _with_aliases(stored, recipe)
     example = _rebuild_inputs(directory, recipe)
     with torch.random.fork_rng(devices=[]):  # building and converting leave the RNG alone
         if base_model is None:
-            base = _rebuild_base(recipe)
+            base = _rebuild_base(recipe, stored)
         else:
             _check_base_class(base_model, recipe)
             base = copy.deepcopy(base_model)

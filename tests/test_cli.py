@@ -134,14 +134,16 @@ BAD = {
     "no-output": (["--demo"], 2, "-o OUTPUT is required"),
     "bad-output-suffix": (["--demo", "-o", "{tmp}/o.onnx"], 2, "unsupported output"),
     "input-and-demo": (["{mlp.pt2}", "--demo", "-o", "{tmp}/o.pt2"], 2, "exactly one of"),
-    "not-a-model-dir": (["{tmp}", "-o", "{tmp}/o.pt2"], 3, "no config.json"),
+    # (the output may not lie inside an input directory: exit 8, tested in test_cli_safety)
+    "not-a-model-dir": (["{models}", "-o", "{tmp}/o.pt2"], 3, "no config.json"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
 def test_bad_input_gives_its_exit_code_and_one_line(case: str, files, tmp_path, capsys) -> None:
     argv, code, words = BAD[case]
-    names = {"{tmp}": str(tmp_path), **{"{" + k + "}": v for k, v in files.items()}}
+    names = {"{tmp}": str(tmp_path), "{models}": os.path.dirname(files["mlp.pt2"]),
+             **{"{" + k + "}": v for k, v in files.items()}}
     argv = [a.replace(a[a.find("{"):a.find("}") + 1], names.get(a[a.find("{"):a.find("}") + 1],
                                                                "")) if "{" in a else a
             for a in argv]

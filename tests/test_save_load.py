@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import flurka_rewrite as fr
 from flurka_rewrite.attention import FlurkaAttention
+from flurka_rewrite.recipe_check import CHECKSUM_FIELD, recipe_checksum
 from flurka_rewrite.saving import RECIPE_FILE, WEIGHTS_FILE, RecipeError
 
 B, N, D, H = 2, 11, 30, 3
@@ -215,10 +216,15 @@ def _copy(src: str, dst) -> str:
 
 
 def _tamper_recipe(d: str, edit) -> None:
+    """Edit recipe.json and sign it again, as a tool that rewrites it on purpose would, so
+    that the check under test answers, not the recipe checksum (an unsigned edit is caught
+    by the checksum: tests/test_recipe_safety.py)."""
     path = os.path.join(d, RECIPE_FILE)
     with open(path) as f:
         recipe = json.load(f)
     edit(recipe)
+    if CHECKSUM_FIELD in recipe:
+        recipe[CHECKSUM_FIELD] = recipe_checksum(recipe)
     with open(path, "w") as f:
         json.dump(recipe, f)
 
@@ -288,19 +294,19 @@ def test_save_is_atomic_and_never_clobbers(performer_net, saved_dir, tmp_path, m
     with pytest.raises(FileExistsError, match="not a directory written by"):
         fr.save(model, other, example_inputs=ex, overwrite=True)
 
-    import safetensors.torch as st
-    real = st.save_file
+    import flurka_rewrite.saving as saving
+    real = saving.write_bytes
 
-    def fail_on_second(tensors, path, metadata=None):
+    def fail_on_second(path, data):
         if "example_inputs" in str(path):
             raise OSError("disk full (simulated)")
-        real(tensors, path, metadata=metadata)
-    monkeypatch.setattr(st, "save_file", fail_on_second)
+        real(path, data)
+    monkeypatch.setattr(saving, "write_bytes", fail_on_second)
     with pytest.raises(OSError, match="simulated"):
         fr.save(model, target, example_inputs=ex, overwrite=True)
     with pytest.raises(OSError, match="simulated"):
         fr.save(model, tmp_path / "new", example_inputs=ex)
-    monkeypatch.setattr(st, "save_file", real)
+    monkeypatch.setattr(saving, "write_bytes", real)
     assert sorted(os.listdir(target)) == before, "a failed save touched the old directory"
     assert sorted(os.listdir(tmp_path)) == ["notes", "saved"], "a temporary dir was left behind"
     assert (other / "keep.txt").read_text() == "mine"
