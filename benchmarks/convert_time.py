@@ -1,8 +1,9 @@
 """How long ``convert`` takes on a 12-layer BERT-base-sized model (random weights from config).
 
 Issue 3 target: < 10 s on the 2-core CI CPU. Run: ``python benchmarks/convert_time.py``.
-Prints the wall time of ``convert`` (cold process, then warm) and ``plan`` (performer, dk=64, batch 2 x 128 tokens with
-padding), the number of sites, and the capture method of the first site's module.
+Prints the wall time of ``convert`` (cold process, then warm) and ``plan`` (performer, dk=64,
+batch 2 x 128 tokens with padding), the number of sites, and the capture method of the first
+site's module.
 """
 from __future__ import annotations
 

@@ -49,11 +49,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_table, interleaved_median, machine_info, set_threads, write_json  # noqa: E402
+from common import format_table, interleaved_median, machine_info, set_threads, write_json
 
-from flurka_rewrite.passes import calibration as calib  # noqa: E402
-from flurka_rewrite.passes.calibration import SiteLayer, build_layer  # noqa: E402
-from flurka_rewrite.passes.cost_model import features_used, site_flops  # noqa: E402
+from flurka_rewrite.passes import calibration as calib
+from flurka_rewrite.passes.calibration import SiteLayer, build_layer
+from flurka_rewrite.passes.cost_model import features_used, site_flops
 
 METHODS = ("full", "lowrank", "kernel", "flurka")
 AUTO_CANDIDATES = ("full", "kernel", "flurka")  # what kernel="auto" (pretrained) chooses among
@@ -173,10 +173,10 @@ def ranking_accuracy(points: list[dict], methods: tuple[str, ...] = METHODS, *,
 
     Each point has ``key`` (default "predicted") {method: cost} and "measured"
     {method: seconds} (only ``methods`` are compared). Returns top1 (fraction where the
-    predicted cheapest is the measured fastest), pairwise (fraction of method pairs ordered alike), kendall_tau (mean),
-    and misses: for each point where top-1 is wrong, the methods and the slowdown
-    t(predicted best) / t(measured best) - 1; ``near_ties`` counts misses whose slowdown is
-    under ``tie_tolerance`` (within timing noise)."""
+    predicted cheapest is the measured fastest), pairwise (fraction of method pairs ordered
+    alike), kendall_tau (mean), and misses: for each point where top-1 is wrong, the methods
+    and the slowdown t(predicted best) / t(measured best) - 1; ``near_ties`` counts misses
+    whose slowdown is under ``tie_tolerance`` (within timing noise)."""
     if not points:
         raise ValueError("ranking_accuracy needs at least one point")
     hits, conc_all, disc_all, taus, misses = 0, 0, 0, [], []

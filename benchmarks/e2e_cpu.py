@@ -62,9 +62,9 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_table, interleaved_median, machine_info, set_threads, write_json  # noqa: E402
+from common import format_table, interleaved_median, machine_info, set_threads, write_json
 
-import flurka_rewrite as fr  # noqa: E402
+import flurka_rewrite as fr
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("original", "flurka_perf", "flurka_rnn", "linformer", "kernel_perf", "kernel_rnn",
@@ -261,7 +261,8 @@ def memory_worker(cfg: Config, names: list[str], layers: int
             ids = torch.randint(0, cfg.vocab, (1, n)).to(cfg.device)
             with torch.inference_mode():
                 model(input_ids=ids[:, :min(n, 128)])  # one-time allocations stay out of the peak
-                out[name][n] = forward_peak_bytes(lambda: model(input_ids=ids), cfg.device)
+                out[name][n] = forward_peak_bytes(lambda m=model, i=ids: m(input_ids=i),
+                                                  cfg.device)
         del model
     return out
 

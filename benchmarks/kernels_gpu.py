@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_table, write_json  # noqa: E402
+from common import format_table, write_json
 
 SETTINGS = {
     "paper": dict(dm=2600, H=8, dh=325, dk=1500, Ns=[7000, 14000, 28000, 42000, 55000]),
@@ -157,7 +157,8 @@ def table(rows: list[dict]) -> str:
     for s, n, mode in keys:
         by = {r["method"]: r for r in rows if (r["setting"], r["N"], r["mode"]) == (s, n, mode)}
         t = by.get("flurka_triton")
-        ratio = lambda m: f"{by[m]['ms'] / t['ms']:.1f}" if t and m in by else "-"  # noqa: E731
+        ratio = (lambda m, by=by, t=t:  # noqa: E731
+                 f"{by[m]['ms'] / t['ms']:.1f}" if t and m in by else "-")
         tf = "-" if not t else (f"{t['tflops']:.1f}" + (
             f" ({t['pct_peak_flops']:.0f}%)" if t["pct_peak_flops"] is not None else ""))
         out.append([s, n, mode, *[f"{by[m]['ms']:.2f}" if m in by else "-" for m in METHODS],

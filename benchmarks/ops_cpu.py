@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_table, interleaved_median, machine_info, set_threads, write_json  # noqa: E402
+from common import format_table, interleaved_median, machine_info, set_threads, write_json
 
-from flurka_rewrite.attention import FlurkaAttention  # noqa: E402
+from flurka_rewrite.kernels.attention import FlurkaAttention
 
 DM, HEADS, DH, DK = 768, 12, 64, 256
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "ops_cpu.json"
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         for n in lengths:
             x = torch.randn(1, n, DM)
             layers = {name: build(name, n) for name in VARIANTS}
-            fns = {name: (lambda layer=layer: layer(x)) for name, layer in layers.items()}
+            fns = {name: (lambda layer=layer, x=x: layer(x)) for name, layer in layers.items()}
             # Long sequences: SDPA takes seconds per call, so bound the repetitions by time.
             stats = interleaved_median(fns, reps=args.reps, warmup=1, budget_s=120.0)
             base = stats["full"]["median_ms"]
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = format_table(["N", "variant", "median ms", "speed-up vs SDPA", "reps"], rows)
     print(table)
     payload = {
-        "benchmark": "ops_cpu", "command": " ".join(["benchmarks/ops_cpu.py", *(argv or sys.argv[1:])]),
+        "benchmark": "ops_cpu",
+        "command": " ".join(["benchmarks/ops_cpu.py", *(argv or sys.argv[1:])]),
         "config": {"dm": DM, "heads": HEADS, "head_dim": DH, "dk": DK, "batch": 1,
                    "dtype": "float32", "lengths": lengths},
         "machine": info, "loadavg_at_end": list(os.getloadavg()), "results": results,

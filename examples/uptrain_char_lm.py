@@ -62,9 +62,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when run as a script
-import _common  # noqa: E402
+import _common
 
-import flurka_rewrite as fr  # noqa: E402
+import flurka_rewrite as fr
 
 
 @dataclass

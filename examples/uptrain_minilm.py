@@ -33,8 +33,8 @@ Why no low-rank projection (``dk=None``) by default: these sentences are truncat
 tokens, where a projection along the sequence saves nothing (the cost model's ``dk="auto"``
 uses no low rank below 128 keys, and ``kernel="auto"`` keeps full softmax at 48) and costs
 accuracy: with this script's schedule, ``dk=32`` reaches a held-out cosine of 0.959 against
-0.976 without it (docs/uptraining.md). FLuRKA's low rank pays off on long sequences (README,
-end-to-end benchmark); pass ``dk`` in ``Config`` to try it.
+0.976 without it (docs/uptraining.md). FLuRKA's low rank pays off on long sequences
+(docs/benchmarks.md, end-to-end benchmark); pass ``dk`` in ``Config`` to try it.
 """
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
-import flurka_rewrite as fr  # noqa: E402
+import flurka_rewrite as fr
 
 Batch = dict[str, Tensor]  # input_ids, token_type_ids, attention_mask: each (B, max_len)
 
@@ -88,7 +88,8 @@ def load_model(path: Path) -> tuple[Any, nn.Module]:
     modules = [m["type"].rsplit(".", 1)[-1]
                for m in json.loads((path / "modules.json").read_text())]
     pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
-    if modules != ["Transformer", "Pooling", "Normalize"] or not pooling["pooling_mode_mean_tokens"]:
+    mean_pooled = pooling["pooling_mode_mean_tokens"]
+    if modules != ["Transformer", "Pooling", "Normalize"] or not mean_pooled:
         raise SystemExit(f"{path} is not a mean-pooled, normalised sentence embedder "
                          f"(modules {modules}); embed() would not reproduce it")
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -4,12 +4,13 @@
     new_model = fr.convert(model, kernel="performer", dk=256)
     print(new_model.flurka_report)
 """
-from .attention import FlurkaAttention
-from .config import RewriteConfig
+from .kernels.attention import FlurkaAttention
+from .passes.config import RewriteConfig
 from .convert import AllSitesSkippedWarning, AlreadyConvertedWarning, convert, plan
 from .report import RewriteReport, SiteReport
 from .onnx_export import export_onnx
-from .saving import load, save
+from .loading import load
+from .saving import save
 from .distill import DistillResult, distill
 
 __version__ = "0.1.0"

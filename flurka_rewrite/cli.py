@@ -11,27 +11,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import os
 import re
 import signal
 import sys
-import tempfile
 import time
 import warnings
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import torch
 
-from flurka_rewrite.atomic import atomic_write, write_bytes
-from flurka_rewrite.config import KERNEL_CHOICES, RewriteConfig
+from flurka_rewrite.passes.config import KERNEL_CHOICES, RewriteConfig
+from flurka_rewrite.example_inputs import example_inputs_for, seq_len_of
+from flurka_rewrite.kernels.reference import rel_error
 from flurka_rewrite.io import (
-    CliError, ConversionError, LoadedModel, NoAttentionError,
-    OutputExistsError, OutputWriteError, UsageError, _one_line, example_inputs_for, load_model, seq_len_of,
+    PROG, CliError, ConversionError, LoadedModel, NoAttentionError, UsageError, _one_line,
+    load_model,
+)
+from flurka_rewrite.outputs import (
+    FILE_SUFFIXES, check_output, inside, publishing, real_path, split_inputs, write_model,
+    write_text,
 )
 from flurka_rewrite.kernels.dispatch import BACKENDS
 
-PROG = "flurka-rewrite"
 EXIT_CODES = {
     0: "success",
     1: "internal error (a bug: rerun with --debug and report the traceback)",
@@ -118,7 +119,8 @@ def parse_dk(text: str) -> int | str | None:
     try:
         return int(low)
     except ValueError:
-        raise UsageError(f"--dk must be a positive integer, 'auto' or 'none'; got {text!r}")
+        raise UsageError(f"--dk must be a positive integer, 'auto' or 'none'; got {text!r}"
+                         ) from None
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -126,7 +128,7 @@ def parse_shape(text: str) -> tuple[int, int]:
     try:
         B, N = (int(x) for x in text.split(","))
     except ValueError:
-        raise UsageError(f"--example-shape must be B,N (two integers), got {text!r}")
+        raise UsageError(f"--example-shape must be B,N (two integers), got {text!r}") from None
     if B < 1 or N < 1:
         raise UsageError(f"--example-shape sizes must be positive, got {text!r}")
     return B, N
@@ -145,164 +147,9 @@ class _Progress:
             _say(f"{PROG}: [{self.i}/{self.total}] {text} (t={dt:.1f}s)", sys.stderr)
 
 
-# -- outputs ---------------------------------------------------------------------------------
-FILE_SUFFIXES = (".pt2", ".pt", ".pth")
-
-
-def _real(path: str) -> str:
-    return os.path.realpath(os.path.abspath(path))
-
-
-def _inside(path: str, folder: str) -> bool:
-    """``path`` is ``folder`` or lies inside it (real paths: links resolved)."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _check_apart(path: str, sources: list[str]) -> None:
-    """No output may be an input, contain one, or lie inside an input directory."""
-    out = _real(path)
-    for src in sources:
-        real = _real(src)
-        if out == real or (os.path.exists(path) and os.path.exists(src)
-                           and os.path.samefile(path, src)):
-            raise OutputExistsError(f"output {path!r} is the input {src!r}; {PROG} never "
-                                    "overwrites an input: choose another output path")
-        if _inside(real, out):
-            raise OutputExistsError(f"output {path!r} contains the input {src!r}; writing it "
-                                    "would delete the input: choose another output path")
-        if os.path.isdir(src) and _inside(out, real):
-            raise OutputExistsError(f"output {path!r} lies inside the input directory {src!r}; "
-                                    f"{PROG} never writes into an input: choose a path outside it")
-
-
-def _check_writable(path: str) -> None:
-    """The folder an output goes to (or its nearest existing ancestor) takes a new file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise OutputWriteError(f"cannot write {path!r}: {folder!r} is not a directory")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".flurka-{os.getpid()}-probe-", dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise OutputWriteError(f"cannot write {path!r}: {folder!r} is not writable "
-                               f"({e.strerror or e}); choose another output path") from e
-
-
-def check_output(path: str, sources: list[str], force: bool, suffixes: tuple[str, ...]) -> str:
-    """Validate an output path before any work; return its suffix (or "dir")."""
-    _check_apart(path, sources)
-    ext = os.path.splitext(path.rstrip(os.sep))[1].lower()
-    is_dir = path.endswith(os.sep) or not ext or (os.path.isdir(path) and ext not in suffixes)
-    kind = "dir" if is_dir else ext
-    path = path.rstrip(os.sep) or path  # "file/" names the file, for the checks below
-    if kind not in suffixes:
-        raise UsageError(f"unsupported output {path!r}: expected one of "
-                         f"{', '.join(s if s != 'dir' else 'a directory' for s in suffixes)}")
-    if os.path.lexists(path):
-        if kind != "dir" and os.path.isdir(path):
-            raise OutputExistsError(f"output {path!r} exists and is a directory; {PROG} writes "
-                                    f"a {kind} file there only in place of a file")
-        if kind == "dir" and not os.path.isdir(path):
-            raise OutputExistsError(f"output {path!r} exists and is not a directory; choose "
-                                    "another path for the save directory")
-        if kind == "dir" and not os.listdir(path):
-            pass  # an empty directory is filled without --force
-        elif not force:
-            raise OutputExistsError(f"output {path!r} exists; pass --force to overwrite it")
-        elif kind == "dir":
-            from flurka_rewrite.saving import foreign_files
-
-            foreign = foreign_files(path)
-            if foreign is not None:
-                raise OutputExistsError(
-                    f"output {path!r} is not a directory written by {PROG} (it holds "
-                    f"{', '.join(foreign)}); refusing to replace it even with --force: "
-                    "choose a new directory")
-    _check_writable(path)
-    return kind
-
-
-@contextlib.contextmanager
-def _publishing(path: str) -> Iterator[None]:
-    """Map write failures onto the CLI's errors; the writers leave no partial file."""
-    try:
-        yield
-    except FileExistsError as e:
-        raise OutputExistsError(f"output {path!r} appeared while converting (another run?); "
-                                "nothing was written: pass --force to overwrite it") from e
-    except OSError as e:
-        raise OutputWriteError(f"could not write {path!r}: {e.strerror or e}; nothing was "
-                               "written (an earlier file there is unchanged)") from e
-
-
-def _split(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if inputs is None:
-        return (), {}
-    return ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
-
-
-def _in_memory(save: Callable[[Any], None]) -> bytes:
-    """What ``save(file)`` writes, as bytes (torch's C++ writer aborts the process on a full
-    disk; Python's file writes raise instead)."""
-    buf = io.BytesIO()
-    save(buf)
-    return buf.getvalue()
-
-
-def export_program(model: torch.nn.Module, inputs: Any, path: str, force: bool = True) -> None:
-    """torch.export ``model`` on ``inputs`` (batch and sequence dims dynamic where the model
-    allows, else static) and save it atomically to ``path``."""
-    if inputs is None:
-        raise UsageError("writing a .pt2 needs example inputs: pass --example-shape B,N")
-    args, kwargs = _split(inputs)
-    config = getattr(model, "config", None)
-    if kwargs and getattr(config, "use_cache", False) and "use_cache" not in kwargs:
-        kwargs["use_cache"] = False  # HF decoders: a KV cache object is no exportable output
-    auto = torch.export.Dim.AUTO
-    spec = lambda t: {0: auto, 1: auto} if isinstance(t, torch.Tensor) and t.dim() >= 2 else None  # noqa: E731
-    dyn = {k: spec(v) for k, v in kwargs.items()} if kwargs else tuple(spec(a) for a in args)
-    model = model.eval()
-    try:
-        try:
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dyn)
-        except Exception:  # noqa: BLE001 - fall back to the example shapes
-            ep = torch.export.export(model, args, kwargs)
-    except Exception as e:  # noqa: BLE001
-        raise ConversionError(f"could not torch.export the converted model: {_one_line(e)}; "
-                              "write a .pt output instead") from e
-    data = _in_memory(lambda f: torch.export.save(ep, f))
-    with _publishing(path):
-        atomic_write(path, lambda tmp: write_bytes(tmp, data), replace=force)
-
-
-def write_model(model: torch.nn.Module, kind: str, path: str, inputs: Any,
-                force: bool = True) -> None:
-    """Write the converted model as ``.pt2``, ``.pt``/``.pth`` or a save directory; replace an
-    existing output only with ``force``."""
-    if kind == ".pt2":
-        export_program(model, inputs, path, force)
-    elif kind in (".pt", ".pth"):
-        try:
-            data = _in_memory(lambda f: torch.save(model, f))
-        except Exception as e:  # noqa: BLE001 - e.g. a class pickle cannot find by name
-            raise ConversionError(f"could not torch.save the converted model: {type(e).__name__}:"
-                                  f" {_one_line(e)}; write a .pt2 instead") from e
-        with _publishing(path):
-            atomic_write(path, lambda tmp: write_bytes(tmp, data), replace=force)
-    else:
-        import flurka_rewrite as fr
-
-        # fr.save writes atomically and only ever replaces an earlier save directory.
-        with _publishing(path):
-            fr.save(model, path, example_inputs=inputs, overwrite=force)
-
-
 # -- the run ---------------------------------------------------------------------------------
 def _call(model: torch.nn.Module, inputs: Any) -> Any:
-    args, kwargs = _split(inputs)
+    args, kwargs = split_inputs(inputs)
     with torch.no_grad():
         return model(*args, **kwargs)
 
@@ -319,8 +166,7 @@ def end_to_end_error(original: torch.nn.Module, converted: torch.nn.Module,
     ref, out = _first_tensor(_call(original, inputs)), _first_tensor(_call(converted, inputs))
     if ref is None or out is None or ref.shape != out.shape:
         return None
-    ref, out = ref.double(), out.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    return rel_error(out, ref)
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:
@@ -356,7 +202,7 @@ def _validate(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
         path, suffixes = entry
         others = [o[0] for o in outputs[:i] if o is not None]
         for other in others:  # two outputs on one path would overwrite each other
-            if _real(other) == _real(path) or _inside(_real(path), _real(other)):
+            if real_path(other) == real_path(path) or inside(real_path(path), real_path(other)):
                 raise UsageError(f"outputs {other!r} and {path!r} are the same path or one "
                                  "lies inside the other; give each output its own path")
         kinds.append(check_output(path, sources, args.force, suffixes))
@@ -381,22 +227,17 @@ def _compile(loaded: LoadedModel, inputs: Any, options: dict[str, Any], dry_run:
         raise
     except ValueError as e:
         raise UsageError(f"invalid option for this model: {_one_line(e)}") from e
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ConversionError(f"conversion of {name} failed: {type(e).__name__}: "
                               f"{_one_line(e)}") from e
     if not report.sites:
-        from flurka_rewrite.attention import FlurkaAttention
+        from flurka_rewrite.kernels.attention import FlurkaAttention
         if any(isinstance(m, FlurkaAttention) for m in loaded.module.modules()):
             raise NoAttentionError(f"{name} is already converted (it holds FlurkaAttention "
                                    "modules) and has no softmax attention left to rewrite; "
                                    "convert the original model instead")
         raise NoAttentionError(f"no attention found in {name}: nothing to rewrite")
     return report, new_model
-
-
-def _write_text(path: str, text: str, force: bool) -> None:
-    with _publishing(path):
-        atomic_write(path, lambda tmp: write_bytes(tmp, text.encode("utf-8")), replace=force)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -429,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
             progress.step("measuring the converted model on the example inputs")
             try:
                 err = end_to_end_error(loaded.module, new_model, inputs)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise ConversionError(f"the converted model fails on the example inputs: "
                                       f"{type(e).__name__}: {_one_line(e)}") from e
         else:
@@ -439,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
         f"end-to-end: relative error of the model output on the example inputs = {err:.3e}")
     _say(str(report) if measured is None else f"{report}\n{measured}")
     if args.report:
-        _write_text(args.report, report.to_json() if args.report.lower().endswith(".json")
+        write_text(args.report, report.to_json() if args.report.lower().endswith(".json")
                     else report.to_markdown() + (f"\n{measured}\n" if measured else ""),
                     args.force)
     if new_model is None:
@@ -448,11 +289,11 @@ def run(args: argparse.Namespace) -> int:
     write_model(new_model, out_kind, args.output, inputs, args.force)
     if args.onnx:
         try:
-            with _publishing(args.onnx):
+            with publishing(args.onnx):
                 fr.export_onnx(new_model, inputs, args.onnx)  # writes atomically itself
         except CliError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise ConversionError(f"ONNX export failed: {_one_line(e)}") from e
     if not args.quiet:
         _say(f"{PROG}: wrote {args.output}" + (f" and {args.onnx}" if args.onnx else ""),
@@ -512,7 +353,7 @@ def _main(argv: list[str] | None) -> int:
     except Terminated:
         print(f"{PROG}: terminated (SIGTERM); nothing was written", file=sys.stderr)
         return 143
-    except Exception as e:  # noqa: BLE001 - never a raw traceback
+    except Exception as e:
         if debug:
             raise
         _say(f"{PROG}: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug "

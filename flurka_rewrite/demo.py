@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from flurka_rewrite.kernels.reference import rel_error
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -79,7 +81,8 @@ class DemoBlock(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.dim)
         self.attn = DemoSelfAttention(cfg.dim, cfg.heads)
         self.ln2 = nn.LayerNorm(cfg.dim)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn), nn.GELU(), nn.Linear(cfg.ffn, cfg.dim))
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn), nn.GELU(),
+                                 nn.Linear(cfg.ffn, cfg.dim))
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.ln1(x), attention_mask)
@@ -155,17 +158,11 @@ def export_demo(path: str, batch: int = 2, seq_len: int = 256) -> None:
 def _atomic_save_program(ep: Any, path: str) -> None:
     import io
 
-    from flurka_rewrite.atomic import atomic_write, write_bytes
+    from flurka_rewrite.passes.atomic import atomic_write, write_bytes
 
     buf = io.BytesIO()
     torch.export.save(ep, buf)
     atomic_write(path, lambda tmp: write_bytes(tmp, buf.getvalue()))
-
-
-def rel_error(out: Tensor, ref: Tensor) -> float:
-    """||out - ref|| / ||ref|| (Frobenius)."""
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def load_converted(path: str) -> nn.Module:

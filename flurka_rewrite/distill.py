@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from flurka_rewrite.attention import FlurkaAttention
+from flurka_rewrite.kernels.attention import FlurkaAttention
 from flurka_rewrite.passes.capture import call_model
 from flurka_rewrite.passes.mha import FlurkaMultiheadAttention
 
@@ -222,7 +222,7 @@ def distill(
         with torch.random.fork_rng(devices=fork):
             torch.manual_seed(seed)
             bar = _progress(steps, progress)
-            for step, batch in enumerate(_batches(data, steps)):
+            for batch in _batches(data, steps):
                 captured.clear()
                 # grad mode on only for an nn.MultiheadAttention teacher: keeps
                 # nn.TransformerEncoderLayer off its fused path, which skips the MHA module

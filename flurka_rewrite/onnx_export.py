@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -37,8 +36,9 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from flurka_rewrite.atomic import atomic_write
-from flurka_rewrite.attention import FlurkaAttention
+from flurka_rewrite.passes.atomic import atomic_write
+from flurka_rewrite.passes.export_capture import quiet_loggers
+from flurka_rewrite.kernels.attention import FlurkaAttention
 
 # ONNX's own limit for one protobuf file; bigger models store their weights beside it.
 _PROTOBUF_LIMIT = 2 * 1024**3 - 1
@@ -180,19 +180,11 @@ def reference_mode(model: nn.Module) -> Iterator[None]:
 def _quiet() -> Iterator[None]:
     """The exporter's progress lines, per-dimension notes and deprecation warnings are not
     the user's business; errors still raise."""
-    names = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes",
-             "torch._dynamo", "onnxscript")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
+    with quiet_loggers("torch.onnx", "torch.export", "torch._export",
+                       "torch.fx.experimental.symbolic_shapes", "torch._dynamo", "onnxscript"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
-    finally:
-        for lg, lvl in zip(loggers, levels):
-            lg.setLevel(lvl)
 
 
 def _fp32(model: nn.Module, args: tuple, kwargs: dict) -> tuple[nn.Module, tuple, dict]:

@@ -52,14 +52,14 @@ _SYMPY_NAMES = {
     "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Abs",
     "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "StrictLessThan", "LessThan", "StrictGreaterThan",
     "GreaterThan", "Equality", "Unequality", "And", "Or", "Not", "true", "false", "oo",
-    "Piecewise", "ExprCondPair", "floor", "ceiling", "Mod", "sympify",
+    "Piecewise", "ExprCondPair", "floor", "ceiling", "Mod",
     "FloorDiv", "ModularIndexing", "Where", "PythonMod", "CleanDiv", "CeilToInt",
     "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv",
     "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt",
     "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "BitwiseFn_bitwise_and",
-    "BitwiseFn_bitwise_or", "BitwiseFn_bitwise_xor", "OpaqueUnaryFn_sqrt", "Max", "Min",
-    "True", "False", "None", "BooleanTrue", "BooleanFalse", "Integer", "One", "Zero",
-    "NegativeOne", "Infinity", "NegativeInfinity"}
+    "BitwiseFn_bitwise_or", "BitwiseFn_bitwise_xor", "OpaqueUnaryFn_sqrt", "True", "False",
+    "None", "BooleanTrue", "BooleanFalse", "One", "Zero", "NegativeOne", "Infinity",
+    "NegativeInfinity"}
 _ASSUMPTIONS = {"positive", "integer", "real", "nonnegative", "negative", "nonpositive",
                 "finite", "zero", "nonzero", "rational", "commutative", "evaluate"}
 _POWERS = {"Pow", "PowByNatural", "FloatPow", "LShift"}
@@ -82,8 +82,8 @@ class UnsafeProgramError(ValueError):
 
 
 def _refuse(what: str) -> UnsafeProgramError:
-    return UnsafeProgramError(f"{what}; flurka-rewrite opens only plain programs (see "
-                              "'Safety' in the README)")
+    return UnsafeProgramError(f"{what}; flurka-rewrite opens only plain "
+                              "programs (see Safety in docs/cli.md)")
 
 
 # -- the checks ------------------------------------------------------------------------------

@@ -17,11 +17,12 @@ from typing import Any, Mapping
 import torch.nn as nn
 from torch import Tensor
 
-from flurka_rewrite.attention import E_INITS, KERNELS
-from flurka_rewrite.config import KERNEL_CHOICES, RewriteConfig
+from flurka_rewrite.kernels.attention import E_INITS, KERNELS
+from flurka_rewrite.kernels.registry import SOFTMAX, feature_map_class, takes_num_features
+from flurka_rewrite.passes.config import KERNEL_CHOICES, RewriteConfig
 from flurka_rewrite.kernels.dispatch import BACKENDS
-from flurka_rewrite.saving import (DECISION_FIELDS, FEATURE_SETTABLE, FIXED, FORMAT_VERSION,
-                                   RECIPE_FILE, SETTABLE, WEIGHTS_FILE, RecipeError)
+from flurka_rewrite.save_format import (DECISION_FIELDS, FEATURE_SETTABLE, FIXED, FORMAT_VERSION,
+                                        RECIPE_FILE, SETTABLE, WEIGHTS_FILE, RecipeError)
 
 CHECKSUM_FIELD = "recipe_sha256"
 TOP_FIELDS = ("format", "format_version", "library_version", "torch_version", "base_model",
@@ -215,10 +216,12 @@ def _check_module(path: Any, s: Any, tensors: Mapping[str, Tensor]) -> None:
     max_len = _int(s["max_seq_len"], f"{f}.max_seq_len", 1, MAX_SEQ_LEN, none=True)
     if dk is not None and (causal or max_len is None):
         raise fail(f"{f}.dk", f"is {dk} on a {'causal' if causal else 'max_seq_len=null'} module")
-    if kernel == "softmax":
+    fmap = feature_map_class(kernel)  # None for softmax
+    if fmap is None:
         m = _choice(s["num_features"], f"{f}.num_features", (None,))
-    elif kernel in ("relu", "rnn"):  # m = dh
-        m = _int(s["num_features"], f"{f}.num_features", head_dim, head_dim)
+    elif not fmap.takes_num_features:  # m fixed by the head dim (relu, rnn: m = dh)
+        fixed = fmap.default_num_features(head_dim)
+        m = _int(s["num_features"], f"{f}.num_features", fixed, fixed)
     else:
         m = _int(s["num_features"], f"{f}.num_features", 1, MAX_FEATURES)
     _float(s["scale"], f"{f}.scale", 0.0, 1e6, lo_open=True, hi_open=False)
@@ -231,13 +234,11 @@ def _check_module(path: Any, s: Any, tensors: Mapping[str, Tensor]) -> None:
             raise fail(f"{f}.dk", f"is null, but {WEIGHTS_FILE} holds a low-rank {pre}{n}")
         if dk is not None:
             _shape(t, pre + n, (dk, max_len), (f"{f}.dk", f"{f}.max_seq_len"))
-    if kernel == "performer":
-        _shape(tensors.get(pre + "feature_map.W"), pre + "feature_map.W", (m, head_dim),
-               (f"{f}.num_features", f"{f}.head_dim"))
-    for n in ("W_o", "W_g", "b_o", "b_g") if kernel == "ffk" else ():
+    sizes = {"head_dim": head_dim, "kv_heads": kv_heads, "num_features": m}
+    for n, dims in (fmap.weight_shapes if fmap is not None else {}).items():  # the map's facts
         _shape(tensors.get(f"{pre}feature_map.{n}"), f"{pre}feature_map.{n}",
-               (kv_heads, head_dim if n[0] == "W" else 1, m),
-               (f"{f}.kv_heads", f"{f}.head_dim" if n[0] == "W" else "", f"{f}.num_features"))
+               tuple(sizes[d] if isinstance(d, str) else d for d in dims),
+               tuple(f"{f}.{d}" if isinstance(d, str) else "" for d in dims))
 
 
 def _shape(t: Tensor | None, name: str, want: tuple, fields: tuple) -> None:
@@ -267,7 +268,7 @@ def _check_settings(f: str, s: Mapping[str, Any]) -> None:
     if "seed" in s:
         _int(s["seed"], f"{f}.seed", 0, SEED_LIMIT - 1)
     fm = s.get("feature_map")
-    if s.get("kernel") == "softmax" and fm is not None:
+    if s.get("kernel") == SOFTMAX and fm is not None:
         raise fail(f"{f}.feature_map", f"must be null for kernel 'softmax'; got {_show(fm)}")
     _type(fm, f"{f}.feature_map", (dict, type(None)), "an object or null")
     for k, v in (fm or {}).items():
@@ -336,7 +337,7 @@ def _check_options(opts: Any, modules: Mapping[str, dict], longest: int) -> None
             raise fail("options.kernel", f"is {kernel!r}, but {f}.kernel is {s['kernel']!r}")
         if s["e_init"] != e_init:
             raise fail("options.e_init", f"is {e_init!r}, but {f}.e_init is {s['e_init']!r}")
-        if m is not None and s["kernel"] in ("performer", "ffk") and s["num_features"] != m:
+        if m is not None and takes_num_features(s["kernel"]) and s["num_features"] != m:
             raise fail("options.num_features", f"is {m}, but {f}.num_features is "
                                                f"{s['num_features']} (its stored weights' size)")
         if p in low and (dk is None or (isinstance(dk, int) and s["dk"] != dk)):

@@ -1,4 +1,4 @@
-"""The rewrite report (DESIGN section 5): one ``SiteReport`` per attention site found.
+"""The rewrite report (docs/design.md §5): one ``SiteReport`` per attention site found.
 
 ``RewriteReport`` prints as a terminal table (``str(report)``), serializes to a dict / JSON with
 exactly the contract fields (``to_dict``, ``to_json``, ``from_dict``), and renders Markdown
@@ -8,10 +8,11 @@ and after rewriting.
 Picture hook: the compiler sets ``report.graphs[site.path] = (before, after)``, two
 ``networkx.DiGraph`` of the site's region. Node attributes (all optional): ``label`` (text
 shown; default "name: target" from the ``op``/``target`` attributes that
-``passes.graph_nx.to_digraph`` sets, else ``str(node)``) and ``kind`` (``"input"``, ``"output"``, ``"site"`` = a node of
-the original attention, ``"flurka"`` = a node the rewrite added, anything else = plain). Edge
-attribute ``label`` (optional). ``digraph_from_fx`` builds such a graph from FX nodes. The
-graphs are not serialized: ``to_dict``/``to_json`` hold the contract fields only.
+``passes.graph_nx.to_digraph`` sets, else ``str(node)``) and ``kind`` (``"input"``,
+``"output"``, ``"site"`` = a node of the original attention, ``"flurka"`` = a node the rewrite
+added, anything else = plain). Edge attribute ``label`` (optional). ``digraph_from_fx``
+(passes/graph_nx.py) builds such a graph from FX nodes. The graphs are not serialized:
+``to_dict``/``to_json`` hold the contract fields only.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import json
 import textwrap
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable
+
+from flurka_rewrite.passes.graph_nx import digraph_from_fx  # noqa: F401 - re-exported
 
 # Mermaid pictures of bigger regions are cut to this many nodes (a note says so).
 MAX_MERMAID_NODES = 80
@@ -41,7 +44,7 @@ class SiteReport:
     kv_heads: int | None = None
     head_dim: int | None = None
     causal: bool | None = None
-    mask: str | None = None  # "none" | "padding" | "causal" | "additive" | "bool" | ...
+    mask: str | None = None  # "none" | "padding" | "causal" | "causal+padding" | "bias" | "other"
     hoisted: bool | None = None
     flops_before: int | None = None
     flops_after: int | None = None
@@ -308,24 +311,37 @@ def to_mermaid(graph: Any, *, direction: str = "TD",
     return "\n".join(lines)
 
 
-def digraph_from_fx(nodes: Iterable[Any], *, kinds: dict[str, str] | None = None) -> Any:
-    """A ``networkx.DiGraph`` of FX nodes (a ``torch.fx.Graph``'s ``.nodes`` or a subset) for
-    ``to_mermaid``: one graph node per FX node, named ``node.name``, with attributes ``op`` and
-    ``target``; edges follow the FX uses inside the set. ``kinds`` maps node names to a kind."""
-    import networkx as nx
-    import torch
+def report_of(sites: list, model_name: str, cfg: Any) -> "RewriteReport":
+    """The report of a conversion: one row per ``passes.site.Site`` in model order, the
+    options (``RewriteConfig``) and the before/after pictures of the rewritten sites."""
+    report = RewriteReport(sites=[_row(s) for s in sorted(sites, key=lambda s: s.index)],
+                           model=model_name, config=_config_dict(cfg))
+    for s in sites:
+        if s.ok and s.graphs and all(x is not None for x in s.graphs):
+            report.graphs[s.path] = s.graphs
+    return report
 
-    nodes = list(nodes)
-    names = {n.name for n in nodes}
-    kinds = kinds or {}
-    g = nx.DiGraph()
-    for n in nodes:
-        target = n.target if isinstance(n.target, str) else str(n.target) if isinstance(
-            n.target, torch._ops.OpOverload) else getattr(n.target, "__name__", str(n.target))
-        kind = kinds.get(n.name)
-        g.add_node(n.name, op=n.op, target=target, **({"kind": kind} if kind else {}))
-    for n in nodes:
-        for user in n.users:
-            if user.name in names:
-                g.add_edge(n.name, user.name)
-    return g
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["filter_fn"] = None if cfg.filter_fn is None else getattr(cfg.filter_fn, "__name__", "fn")
+    return d
+
+
+def _row(site: Any) -> SiteReport:
+    r = SiteReport(
+        path=site.path, pattern=site.pattern, status="rewritten" if site.ok else "skipped",
+        reason=site.reason, seq_len=site.seq_len, kv_seq_len=site.kv_seq_len,
+        heads=site.heads, kv_heads=site.kv_heads, head_dim=site.head_dim,
+        causal=site.causal if site.seq_len is not None else None,
+        mask=site.mask_kind if site.seq_len is not None else None)
+    if site.ok:
+        r.kernel, r.dk, r.num_features = site.kernel, site.dk, site.num_features
+        r.hoisted = site.hoisted
+        r.flops_before, r.flops_after = site.flops_before, site.flops_after
+        r.params_added, r.rel_error = site.params_added, site.rel_error
+        r.reason = "; ".join(site.notes_for_report) or None
+    else:
+        r.flops_before = site.flops_before
+    r.verified = site.verified
+    return r

@@ -21,7 +21,7 @@ def triton_available() -> bool:
     """True when the ``triton`` package imports."""
     try:
         import triton  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken triton install (not only ImportError) means none
         return False
     return True
 

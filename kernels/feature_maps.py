@@ -1,80 +1,36 @@
-"""Feature maps phi for kernel (linear) attention, DESIGN section 3.2.
+"""Feature maps phi for kernel (linear) attention, docs/design.md §3.2.
 
 Every map takes x of shape (B, Hx, N, dh) in any float dtype and returns phi(x) of shape
 (B, Hx, N, m) in fp32. Queries and keys go through the same map (``is_query`` only changes
 the performer's stabilizer, a constant that cancels in the ratio O = phi(q) S / phi(q) z).
 
-Maps register themselves by name; ``build_feature_map("performer", ...)`` builds one and a
+Each map is one class registered by name (``kernels/registry.py``) that also declares its
+facts: whether it takes ``num_features`` and its default m, its FLOPs, its role for
+``kernel="auto"`` and its Triton code. ``build_feature_map("performer", ...)`` builds one and a
 failed look-up lists what exists.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-FEATURE_MAPS: dict[str, type["FeatureMap"]] = {}
+from .registry import (
+    FEATURE_MAPS,
+    SOFTMAX_ELEMWISE,
+    FeatureMap,
+    MapFlops,
+    build_feature_map,
+    register_feature_map,
+    unregister_feature_map,
+)
 
-
-def register_feature_map(name: str) -> Callable[[type["FeatureMap"]], type["FeatureMap"]]:
-    """Class decorator: make a ``FeatureMap`` subclass available under ``name``."""
-
-    def deco(cls: type["FeatureMap"]) -> type["FeatureMap"]:
-        cls.name = name
-        FEATURE_MAPS[name] = cls
-        return cls
-
-    return deco
-
-
-class FeatureMap(nn.Module):
-    """Base class. Subclasses set ``num_features`` and implement ``forward``."""
-
-    name: str = "?"
-    num_features: int
-
-    def forward(self, x: Tensor, *, is_query: bool, key_mask: Tensor | None = None) -> Tensor:
-        """x: (B, Hx, N, dh) -> phi(x): (B, Hx, N, m) in fp32.
-
-        key_mask: optional bool (B, 1 or Hx, N, 1), True where a key is real; only the
-        performer uses it (padded keys are left out of its stabilizer).
-        """
-        raise NotImplementedError
-
-    def formula(self, x: Tensor, *, is_query: bool) -> Tensor:
-        """The map written as its plain formula, without any stabilizer (test oracle)."""
-        return self.forward(x, is_query=is_query)
-
-    def causal_key_features(
-        self, x: Tensor, key_mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
-        """phi(k) for causal attention, and an optional per-key log scale (B, Hx, N).
-
-        A stabilizer shared by all keys would let a future key change the scale of past ones
-        (and, through underflow and eps, the output). Maps that need one (the performer)
-        return phi(k_j) / exp(log_scale_j) with log_scale_j depending on key j only; the causal
-        kernel rescales by a running maximum. Maps without a stabilizer return (phi, None)."""
-        return self.forward(x, is_query=False, key_mask=key_mask), None
-
-    def penalty(self) -> Tensor | None:
-        """Optional regularizer to add to the training loss (ffk orthogonality)."""
-        return None
-
-
-def build_feature_map(name: str, **kwargs) -> FeatureMap:
-    """Build the feature map registered as ``name`` (keyword arguments go to its class)."""
-    try:
-        cls = FEATURE_MAPS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown feature map {name!r}; expected one of {', '.join(sorted(FEATURE_MAPS))}"
-        ) from None
-    return cls(**kwargs)
-
+__all__ = ["FEATURE_MAPS", "FeatureMap", "MapFlops", "build_feature_map", "register_feature_map",
+           "unregister_feature_map", "PerformerFeatures", "ReluFeatures", "EluFeatures",
+           "FeedForwardKernel", "default_performer_features", "orthogonal_gaussian"]
 
 def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> Tensor:
     """(m, d) matrix of stacked orthogonal Gaussian blocks (QR) with chi-distributed row norms,
@@ -112,13 +68,37 @@ class PerformerFeatures(FeatureMap):
 
     x' = s^(1/2) x;  phi(x) = m^(-1/2) exp(W x' - |x'|^2/2 - c)
     c: per-row log-sum-exp of the exponent for queries (phi(q) is a softmax over features),
-    one max over all (real) keys of a (batch, head) for keys. Both cancel in the attention ratio, so ``forward`` equals ``formula`` up to a
-    positive constant per query row and per (batch, head) of keys. Causal attention uses
-    ``causal_key_features`` instead (a per-key stabilizer, undone by a running max).
+    one max over all (real) keys of a (batch, head) for keys. Both cancel in the attention
+    ratio, so ``forward`` equals ``formula`` up to a positive constant per query row and per
+    (batch, head) of keys. Causal attention uses ``causal_key_features`` instead (a per-key
+    stabilizer, undone by a running max).
     W is redrawn every ``redraw_interval`` calls of ``step()`` in training mode (the owning
     FlurkaAttention steps once per training forward); draw i is seeded by seed*1_000_003 + i,
     so the same seed gives the same sequence of W. Eval mode never redraws.
     """
+
+    takes_num_features = True
+    auto_role = "pretrained"  # approximates a pretrained softmax without training
+    triton_code = 3
+    causal_stabilized = True
+    weight_shapes = {"W": ("num_features", "head_dim")}
+
+    @classmethod
+    def default_num_features(cls, head_dim: int) -> int:
+        return default_performer_features(head_dim)
+
+    @classmethod
+    def flops(cls, rows: int, dh: int, m: int, *, is_query: bool, causal: bool = False,
+              groups: int = 1) -> MapFlops:
+        gemm = 2 * rows * dh * m  # x @ (s^1/2 W)^T, W (m, dh)
+        if is_query:  # softmax over the features
+            return MapFlops(gemm, rows * SOFTMAX_ELEMWISE * m, rows * m)
+        elem = rows * (2 * dh + 1 + m)  # exponent: x*x, sum, * s/2, u - |x'|^2/2
+        if causal:  # causal_key_features: a per-key stabilizer
+            elem += rows * (3 * m + 1)  # per-key max, + log(m)/2, u - ls, exp
+        else:  # max over keys and features, u - c, exp; per group: clamp_min, c + log(m)/2
+            elem += rows * 3 * m + 2 * groups
+        return MapFlops(gemm, elem, rows * m)
 
     def __init__(
         self,
@@ -131,7 +111,7 @@ class PerformerFeatures(FeatureMap):
     ) -> None:
         super().__init__()
         self.head_dim = head_dim
-        self.num_features = int(num_features or default_performer_features(head_dim))
+        self.num_features = int(num_features or self.default_num_features(head_dim))
         self.scale = float(scale if scale is not None else head_dim**-0.5)
         self.seed = int(seed)
         self.redraw_interval = redraw_interval
@@ -206,9 +186,22 @@ def default_performer_features(head_dim: int) -> int:
 class ReluFeatures(FeatureMap):
     """phi(x) = relu(x) + 1e-3 (the FLuRKA authors' 'generalized' kernel), m = dh."""
 
+    takes_num_features = False
+    auto_role = "trainable"
+    triton_code = 1
+
+    @classmethod
+    def default_num_features(cls, head_dim: int) -> int:
+        return head_dim
+
+    @classmethod
+    def flops(cls, rows: int, dh: int, m: int, *, is_query: bool, causal: bool = False,
+              groups: int = 1) -> MapFlops:
+        return MapFlops(0, 2 * rows * dh, 0)  # relu(x) + 1e-3
+
     def __init__(self, head_dim: int, **_: object) -> None:
         super().__init__()
-        self.num_features = head_dim
+        self.num_features = self.default_num_features(head_dim)
 
     def forward(self, x: Tensor, *, is_query: bool, key_mask: Tensor | None = None) -> Tensor:
         return F.relu(x.float()) + 1e-3
@@ -218,9 +211,22 @@ class ReluFeatures(FeatureMap):
 class EluFeatures(FeatureMap):
     """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020, 'Transformers are RNNs'), m = dh."""
 
+    takes_num_features = False
+    auto_role = "trainable"
+    triton_code = 2
+
+    @classmethod
+    def default_num_features(cls, head_dim: int) -> int:
+        return head_dim
+
+    @classmethod
+    def flops(cls, rows: int, dh: int, m: int, *, is_query: bool, causal: bool = False,
+              groups: int = 1) -> MapFlops:
+        return MapFlops(0, 2 * rows * dh, rows * dh)  # elu(x) + 1; the elu is exp-like
+
     def __init__(self, head_dim: int, **_: object) -> None:
         super().__init__()
-        self.num_features = head_dim
+        self.num_features = self.default_num_features(head_dim)
 
     def forward(self, x: Tensor, *, is_query: bool, key_mask: Tensor | None = None) -> Tensor:
         return F.elu(x.float()) + 1.0
@@ -234,14 +240,35 @@ class FeedForwardKernel(FeatureMap):
     W_o (Hkv, dh, m) initialised orthogonal, W_g small. ``penalty()`` is the orthogonality
     regulariser sum_h |W_o[h]^T W_o[h] - I|^2 (add it to the loss, scaled, if wanted).
     Queries of head h use the map of kv-head h // (H // Hkv).
+    Trainable, so ``kernel="auto"`` never picks it (it needs up-training); its weights need
+    autograd, so Triton runs it in PyTorch before the fused core (no ``triton_code``).
     """
+
+    takes_num_features = True
+    auto_role = None
+    triton_code = None
+    weight_shapes = {"W_o": ("kv_heads", "head_dim", "num_features"),
+                     "W_g": ("kv_heads", "head_dim", "num_features"),
+                     "b_o": ("kv_heads", 1, "num_features"),
+                     "b_g": ("kv_heads", 1, "num_features")}
+
+    @classmethod
+    def default_num_features(cls, head_dim: int) -> int:
+        return head_dim
+
+    @classmethod
+    def flops(cls, rows: int, dh: int, m: int, *, is_query: bool, causal: bool = False,
+              groups: int = 1) -> MapFlops:
+        gemm = 2 * 2 * rows * dh * m  # x W_o and x W_g
+        # + b_o, + b_g, sigmoid, product, softplus; sigmoid and softplus are exp-like
+        return MapFlops(gemm, 5 * rows * m, 2 * rows * m)
 
     def __init__(
         self, head_dim: int, kv_heads: int = 1, num_features: int | None = None, seed: int = 0,
         **_: object,
     ) -> None:
         super().__init__()
-        m = int(num_features or head_dim)
+        m = int(num_features or self.default_num_features(head_dim))
         self.num_features = m
         g = torch.Generator().manual_seed(seed * 1_000_003 + 7)
         w_o = torch.stack([_orthogonal(head_dim, m, g) for _ in range(kv_heads)])

@@ -304,7 +304,7 @@ def flurka_attention(
     eps: float = 1e-6,
     chunk_size: int = 64,
 ) -> Tensor:
-    """FLuRKA (DESIGN 3.3), unhoisted: low-rank K~ = E K, V~ = F V (when E, F given), then
+    """FLuRKA (docs/design.md §3.3), unhoisted: low-rank K~ = E K, V~ = F V (when E, F given), then
     kernel attention with ``feature_map`` (softmax over the dk keys when it is None).
 
     q (B, H, N, dh), k/v (B, Hkv, M, d), E/F_ (dk, M_max) -> (B, H, N, dv) in q's dtype.
@@ -396,3 +396,10 @@ def _chunked_readout(q: Tensor, feature_map: FeatureMap, state: Tensor, eps: flo
         o = (pq.reshape(B, hkv, -1, m) @ state).view(B, H, r, dv + 1)  # same as kernel_readout
         torch.div(o[..., :-1], o[..., -1:].add_(eps), out=out[:, :, s:s + r])
     return out
+
+
+def rel_error(out: Tensor, ref: Tensor) -> float:
+    """||out - ref|| / ||ref|| (Frobenius, in float64; 0/0 counts as 0): the one relative
+    error every report, check and test of this project quotes."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))

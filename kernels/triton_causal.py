@@ -1,5 +1,5 @@
-"""Triton kernels for causal kernel attention by chunked prefix sums (DESIGN 3.4): forward and
-backward.
+"""Triton kernels for causal kernel attention by chunked prefix sums (docs/design.md §3.4):
+forward and backward.
 
 Performer stabilizers follow ``reference.causal_kernel_attention`` with ``key_log_scale``:
 key j has its own stabilizer ls_j (its row max of u) and query i uses the running maximum
@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _dphi, _feature_pre, _load_rows, _phi
+from .triton_kernels import FMAP_PERFORMER, _dphi, _feature_pre, _load_rows, _phi
 from .triton_tuning import PRUNE, causal_bwd_configs, causal_configs
 
 
@@ -79,7 +79,7 @@ def flurka_causal_fwd_kernel(
     qrow = g * N + pos
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     vmask = offs_v < dv
-    if FMAP == 3:
+    if FMAP == FMAP_PERFORMER:
         xq = _load_rows(q_ptr, qrow, valid, dh, BLOCK_D)
         xqf = xq.to(tl.float32)
         hnq = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xqf * xqf, 1)
@@ -105,7 +105,7 @@ def flurka_causal_fwd_kernel(
                           FMAP, BLOCK_F, BLOCK_D, PREC, DT)
         uk = _feature_pre(xk, hnk, k_ptr, pos, valid, w_ptr, f0, dh, m, sqrt_scale,
                           FMAP, BLOCK_F, BLOCK_D, PREC, DT)
-        if FMAP == 3:
+        if FMAP == FMAP_PERFORMER:
             uq = tl.where(fmask[None, :], uq, float("-inf"))
             c_new = tl.maximum(c_run, tl.max(uq, 1))
             alpha = tl.exp(c_run - c_new)
@@ -124,7 +124,7 @@ def flurka_causal_fwd_kernel(
         den = den * alpha + tl.sum(pq * zf[None, :], 1)
         lse = lse * alpha + tl.sum(pq, 1)
     causal = (offs_c[:, None] >= offs_c[None, :]) & (km[None, :] > 0)
-    if FMAP == 3:
+    if FMAP == FMAP_PERFORMER:
         # true phi(k_j) = phi_hat(k_j) exp(ls_j); position i works at scale exp(c_i)
         ci = tl.load(ci_ptr + pos, mask=valid, other=0.0)
         ep = tl.load(ep_ptr + bh * NC + ch)
@@ -138,7 +138,7 @@ def flurka_causal_fwd_kernel(
                  mask=valid[:, None] & vmask[None, :], other=0.0)
     acc += tl.dot(scores.to(dt), vc.to(dt), input_precision=PREC)
     den = den + tl.sum(scores, 1)
-    if FMAP == 3:  # phi(q) = exp(u - c) / l (softmax over features)
+    if FMAP == FMAP_PERFORMER:  # phi(q) = exp(u - c) / l (softmax over features)
         out = acc / (den + eps * lse)[:, None]
         den = den / lse + eps
         c_run = c_run + tl.log(lse)
@@ -195,7 +195,7 @@ def flurka_causal_bwd_q_kernel(
     pos = ch * CHUNK + offs_c
     valid = pos < N
     qrow = g * N + pos
-    if FMAP == 3:
+    if FMAP == FMAP_PERFORMER:
         xq = _load_rows(q_ptr, qrow, valid, dh, BLOCK_D)
         xqf = xq.to(tl.float32)
         hnq = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xqf * xqf, 1)
@@ -224,7 +224,7 @@ def flurka_causal_bwd_q_kernel(
         gv += tl.dot(d.to(dt), tl.trans(vc.to(dt)), input_precision=PREC)
     mij = gv * a[:, None] + b[:, None]
     causal = (offs_c[:, None] >= offs_c[None, :]) & (km[None, :] > 0)
-    if FMAP == 3:
+    if FMAP == FMAP_PERFORMER:
         ci = tl.load(ci_ptr + pos, mask=valid, other=0.0)
         ep = tl.load(ep_ptr + bh * NC + ch)
         # exp(ls_j - c_i) <= 1 on the causal entries; exp(-inf) = 0 elsewhere (no inf * 0)
@@ -259,7 +259,7 @@ def flurka_causal_bwd_q_kernel(
         zf = tl.load(z_ptr + offs_f, mask=fmask, other=0.0)
         dp += (st * a[:, None] + b[:, None] * zf[None, :]) * inter[:, None]
         du = tl.where(keep, dp * _dphi(uq, pq, FMAP), 0.0)
-        if FMAP == 3:
+        if FMAP == FMAP_PERFORMER:
             w = tl.load(w_ptr + offs_f[:, None] * dh + offs_d[None, :],
                         mask=fmask[:, None] & (offs_d[None, :] < dh), other=0.0)
             dxs += tl.dot(du.to(dt), w.to(dt), input_precision=PREC)
@@ -268,7 +268,8 @@ def flurka_causal_bwd_q_kernel(
         else:
             tl.store(dq_ptr + qrow[:, None] * dh + offs_f[None, :],
                      du.to(dq_ptr.dtype.element_ty), mask=keep)
-    if FMAP == 3:  # phi(q) = softmax(sqrt(s) W q): dq = sqrt(s) W^T (p dP - p (p . dP))
+    # performer: phi(q) = softmax(sqrt(s) W q): dq = sqrt(s) W^T (p dP - p (p . dP))
+    if FMAP == FMAP_PERFORMER:
         dx = sqrt_scale * (dxs - rs[:, None] * pw)
         tl.store(dq_ptr + qrow[:, None] * dh + offs_d[None, :], dx.to(dq_ptr.dtype.element_ty),
                  mask=valid[:, None] & (offs_d[None, :] < dh))
@@ -280,7 +281,7 @@ def _query_block(q_ptr, qrow, valid, keep, cq, w_ptr, f0, dh, m, sqrt_scale,
                  BLOCK_D: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr):
     """phi(q) of features [f0, f0 + BLOCK_F) for the query rows qrow (performer: exp(u - cq),
     the softmax over features), zero outside ``keep``: (C, BLOCK_F) fp32."""
-    if FMAP == 3:
+    if FMAP == FMAP_PERFORMER:
         xq = _load_rows(q_ptr, qrow, valid, dh, BLOCK_D)
         xqf = xq.to(tl.float32)
         hnq = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xqf * xqf, 1)
@@ -330,7 +331,7 @@ def flurka_causal_bwd_k_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     pos = ch * CHUNK + offs_c
     valid = pos < N
-    if FMAP == 3:
+    if FMAP == FMAP_PERFORMER:
         xk = _load_rows(k_ptr, pos, valid, dh, BLOCK_D)
         xkf = xk.to(tl.float32)
         hnk = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xkf * xkf, 1)
@@ -342,7 +343,7 @@ def flurka_causal_bwd_k_kernel(
     km = tl.load(km_ptr + pos, mask=valid, other=0.0)
     real = km > 0
     causal = (offs_c[None, :] >= offs_c[:, None]) & real[:, None]  # (j, i): i >= j
-    if FMAP == 3:
+    if FMAP == FMAP_PERFORMER:
         ci = tl.load(ci_ptr + pos, mask=valid, other=0.0)
         ee = tl.load(ee_ptr + bh * NC + ch)
         scl = tl.exp(tl.where(causal, ck[:, None] - ci[None, :], float("-inf")))  # (j, i) <= 1
@@ -391,7 +392,7 @@ def flurka_causal_bwd_k_kernel(
             dp += tl.dot(nji.to(dt), pq.to(dt), input_precision=PREC)
             g += 1
         du = tl.where(keep, dp * _dphi(uk, pk, FMAP), 0.0)
-        if FMAP == 3:
+        if FMAP == FMAP_PERFORMER:
             w = tl.load(w_ptr + offs_f[:, None] * dh + offs_d[None, :],
                         mask=fmask[:, None] & (offs_d[None, :] < dh), other=0.0)
             dxs += tl.dot(du.to(dt), w.to(dt), input_precision=PREC)
@@ -399,7 +400,7 @@ def flurka_causal_bwd_k_kernel(
         else:
             tl.store(dk_ptr + pos[:, None] * dh + offs_f[None, :],
                      du.to(dk_ptr.dtype.element_ty), mask=keep)
-    if FMAP == 3:  # u = sqrt(s) W k - s |k|^2 / 2  =>  du/dk = sqrt(s) w - s k
+    if FMAP == FMAP_PERFORMER:  # u = sqrt(s) W k - s |k|^2 / 2  =>  du/dk = sqrt(s) w - s k
         dx = sqrt_scale * dxs - (sqrt_scale * sqrt_scale) * rs[:, None] * xkf
         tl.store(dk_ptr + pos[:, None] * dh + offs_d[None, :], dx.to(dk_ptr.dtype.element_ty),
                  mask=valid[:, None] & (offs_d[None, :] < dh))
@@ -441,7 +442,7 @@ def flurka_causal_bwd_v_kernel(
     valid = pos < N
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     vmask = offs_v < dv
-    if FMAP == 3:
+    if FMAP == FMAP_PERFORMER:
         xk = _load_rows(k_ptr, pos, valid, dh, BLOCK_D)
         xkf = xk.to(tl.float32)
         hnk = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xkf * xkf, 1)
@@ -452,7 +453,7 @@ def flurka_causal_bwd_v_kernel(
     km = tl.load(km_ptr + pos, mask=valid, other=0.0)
     real = km > 0
     causal = (offs_c[None, :] >= offs_c[:, None]) & real[:, None]  # (j, i): i >= j
-    if FMAP == 3:
+    if FMAP == FMAP_PERFORMER:
         ci = tl.load(ci_ptr + pos, mask=valid, other=0.0)
         ee = tl.load(ee_ptr + bh * NC + ch)
         scl = tl.exp(tl.where(causal, ck[:, None] - ci[None, :], float("-inf")))  # (j, i) <= 1

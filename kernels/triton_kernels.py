@@ -2,9 +2,11 @@
 
 Rows of one (batch, kv-head) lie in one contiguous slab: queries as (B*Hkv, G*N, dh) (the G
 query heads of a kv-head one after another), keys (B*Hkv, M, dh), values (B*Hkv, M, dv).
-Feature maps, selected by the constexpr ``FMAP`` (the same codes as ``triton_ops.FMAP_CODES``):
-  0 identity (ffk: phi computed by PyTorch beforehand), 1 relu(x) + 1e-3, 2 elu(x) + 1,
-  3 performer: phi(x) = mfac * exp(u - c), u = sqrt(s) W x - s |x|^2 / 2, mfac = m^-1/2.
+Feature maps, selected by the constexpr ``FMAP``, the ``triton_code`` the registry's map class
+declares (``registry.triton_codes()``), named here by module-level constexprs:
+  FMAP_IDENTITY (maps without a code, e.g. ffk: phi computed by PyTorch beforehand),
+  FMAP_RELU relu(x) + 1e-3, FMAP_ELU elu(x) + 1 (rnn),
+  FMAP_PERFORMER: phi(x) = mfac * exp(u - c), u = sqrt(s) W x - s |x|^2 / 2, mfac = m^-1/2.
 All sums are fp32. Dot operands are cast to ``DT``, the input dtype (bf16/fp16: tensor cores,
 fp32 accumulation; fp32 inputs: ``PREC`` = "ieee", exact fp32 products); under the CPU
 interpreter bf16 dots are computed in fp32 (its bf16 dot is wrong, Triton 3.6 + numpy).
@@ -21,7 +23,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .feature_maps import EluFeatures, PerformerFeatures, ReluFeatures
+from .registry import TRITON_IDENTITY
 from .triton_tuning import PRUNE, rows_bwd_configs, rows_fwd_configs, state_configs
+
+# FMAP codes from the registry, as constexpr globals (the only globals a jit function may read)
+FMAP_IDENTITY = tl.constexpr(TRITON_IDENTITY)
+FMAP_RELU = tl.constexpr(ReluFeatures.triton_code)
+FMAP_ELU = tl.constexpr(EluFeatures.triton_code)
+FMAP_PERFORMER = tl.constexpr(PerformerFeatures.triton_code)
 
 
 @triton.jit
@@ -40,7 +50,7 @@ def _feature_pre(x, hn, x_ptr, row, valid, w_ptr, f0, dh, m, sqrt_scale,
     Performer: u = sqrt(s) x W^T - hn (hn = s |x|^2 / 2); elementwise maps: u = x[:, f]."""
     offs_f = f0 + tl.arange(0, BLOCK_F)
     fmask = offs_f < m
-    if FMAP == 3:
+    if FMAP == FMAP_PERFORMER:
         offs_d = tl.arange(0, BLOCK_D)
         w = tl.load(w_ptr + offs_f[:, None] * dh + offs_d[None, :],
                     mask=fmask[:, None] & (offs_d[None, :] < dh), other=0.0)
@@ -54,13 +64,13 @@ def _feature_pre(x, hn, x_ptr, row, valid, w_ptr, f0, dh, m, sqrt_scale,
 @triton.jit
 def _phi(u, c, FMAP: tl.constexpr):
     """phi from the pre-activation; the performer's m^-1/2 is applied by the caller."""
-    if FMAP == 0:
+    if FMAP == FMAP_IDENTITY:
         p = u
-    elif FMAP == 1:
+    elif FMAP == FMAP_RELU:
         p = tl.maximum(u, 0.0) + 1e-3
-    elif FMAP == 2:
+    elif FMAP == FMAP_ELU:
         p = tl.where(u > 0, u + 1.0, tl.exp(u))
-    else:
+    else:  # FMAP_PERFORMER
         p = tl.exp(u - c[:, None])
     return p
 
@@ -68,13 +78,13 @@ def _phi(u, c, FMAP: tl.constexpr):
 @triton.jit
 def _dphi(u, p, FMAP: tl.constexpr):
     """d phi / d u given u and p = phi(u) (for the performer: the full phi, mfac included)."""
-    if FMAP == 0:
+    if FMAP == FMAP_IDENTITY:
         d = tl.full(u.shape, 1.0, tl.float32)
-    elif FMAP == 1:
+    elif FMAP == FMAP_RELU:
         d = tl.where(u > 0, 1.0, 0.0)
-    elif FMAP == 2:
+    elif FMAP == FMAP_ELU:
         d = tl.where(u > 0, 1.0, p)
-    else:
+    else:  # FMAP_PERFORMER
         d = p
     return d
 
@@ -118,7 +128,7 @@ def flurka_state_kernel(
         pos = ch * CHUNK + offs_r
         valid = (pos < L) & (offs_r < CHUNK)
         row = pos
-        if FMAP == 3:
+        if FMAP == FMAP_PERFORMER:
             x = _load_rows(x_ptr, row, valid, dh, BLOCK_D)
             xf = x.to(tl.float32)
             hn = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xf * xf, 1)
@@ -181,7 +191,7 @@ def flurka_rows_fwd_kernel(
     valid = row < R
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     vmask = offs_v < dv
-    if FMAP == 3:
+    if FMAP == FMAP_PERFORMER:
         x = _load_rows(x_ptr, row, valid, dh, BLOCK_D)
         xf = x.to(tl.float32)
         hn = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xf * xf, 1)
@@ -200,7 +210,7 @@ def flurka_rows_fwd_kernel(
         fmask = offs_f < m
         u = _feature_pre(x, hn, x_ptr, row, valid, w_ptr, f0, dh, m, sqrt_scale,
                          FMAP, BLOCK_F, BLOCK_D, PREC, DT)
-        if FMAP == 3 and MODE != 1:
+        if FMAP == FMAP_PERFORMER and MODE != 1:
             u = tl.where(fmask[None, :], u, float("-inf"))
             c_new = tl.maximum(c_run, tl.max(u, 1))
             alpha = tl.exp(c_run - c_new)
@@ -218,7 +228,7 @@ def flurka_rows_fwd_kernel(
                 den = den * alpha + tl.sum(p * zf[None, :], 1)
                 lse = lse * alpha + tl.sum(p, 1)
     if MODE == 0:
-        if FMAP == 3:
+        if FMAP == FMAP_PERFORMER:
             # phi(q) = softmax_f(u) = exp(u - c) / l: out = acc / (den + eps l); keep the
             # true denominator and c + log(l) (so that exp(u - c') is phi(q)) for the backward
             out = acc / (den + eps * lse)[:, None]
@@ -231,7 +241,7 @@ def flurka_rows_fwd_kernel(
                  mask=valid[:, None] & vmask[None, :])
         if pid_v == 0:
             tl.store(den_ptr + row, den, mask=valid)
-            if FMAP == 3:
+            if FMAP == FMAP_PERFORMER:
                 tl.store(c_ptr + row, c_run, mask=valid)
     elif MODE == 1:
         a = tl.load(a_ptr + row, mask=valid, other=0.0)
@@ -275,7 +285,7 @@ def flurka_rows_bwd_kernel(
     row = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     valid = row < R
     offs_d = tl.arange(0, BLOCK_D)
-    if FMAP == 3:
+    if FMAP == FMAP_PERFORMER:
         x = _load_rows(x_ptr, row, valid, dh, BLOCK_D)
         xf = x.to(tl.float32)
         hn = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xf * xf, 1)
@@ -308,7 +318,7 @@ def flurka_rows_bwd_kernel(
         p = _phi(u, c, FMAP) * mfac
         du = dp * _dphi(u, p, FMAP)
         du = tl.where(valid[:, None] & fmask[None, :], du, 0.0)
-        if FMAP == 3:
+        if FMAP == FMAP_PERFORMER:
             w = tl.load(w_ptr + offs_f[:, None] * dh + offs_d[None, :],
                         mask=fmask[:, None] & (offs_d[None, :] < dh), other=0.0)
             dxs += tl.dot(du.to(dt), w.to(dt), input_precision=PREC)
@@ -319,7 +329,7 @@ def flurka_rows_bwd_kernel(
         else:
             tl.store(dx_ptr + row[:, None] * dh + offs_f[None, :],
                      du.to(dx_ptr.dtype.element_ty), mask=valid[:, None] & fmask[None, :])
-    if FMAP == 3:
+    if FMAP == FMAP_PERFORMER:
         # u = sqrt(s) x.w - s |x|^2 / 2  =>  du/dx = sqrt(s) w - s x
         if QUERY:  # phi = softmax(sqrt(s) W x): dx = sqrt(s) W^T (p dP - p (p . dP))
             dx = sqrt_scale * (dxs - rs[:, None] * pw)

@@ -17,10 +17,15 @@ from .triton_causal import (
     flurka_causal_bwd_v_kernel,
     flurka_causal_fwd_kernel,
 )
-from .triton_kernels import flurka_rows_bwd_kernel, flurka_rows_fwd_kernel, flurka_state_kernel
+from .triton_kernels import (
+    FMAP_PERFORMER,
+    flurka_rows_bwd_kernel,
+    flurka_rows_fwd_kernel,
+    flurka_state_kernel,
+)
 from .triton_tuning import interpreting
 
-PERFORMER = 3
+PERFORMER = FMAP_PERFORMER.value  # the performer's triton_code (kernels/registry.py)
 
 
 def causal_chunk() -> int:

@@ -1,15 +1,17 @@
 """FLuRKA attention core on Triton: custom ops, autograd, and the public entry point.
 
-Layering (STYLE 7): kernels (``triton_kernels``, ``triton_causal``) -> launchers
+Layering (docs/style.md §7): kernels (``triton_kernels``, ``triton_causal``) -> launchers
 (``triton_launch``) -> ``torch.library`` custom ops ``flurka_rewrite::flurka_core_fwd`` /
 ``flurka_core_bwd`` (with fake implementations, so ``torch.compile`` and ``torch.export`` see
 one opaque node) -> one ``torch.autograd.Function`` per kernel family (non-causal, causal) ->
 ``triton_attention_core``, which ``dispatch.attention_core_dispatch`` calls and which returns
 what ``reference.attention_core`` returns.
 
-Feature maps: performer, relu and rnn are computed inside the kernels (phi(Q) is never stored).
-ffk has trainable weights: its phi(q), phi(k) are computed by the module in PyTorch, and the
-fused core then runs with the identity map, so autograd reaches the ffk weights.
+Feature maps: a map whose class declares a ``triton_code`` (performer, relu, rnn) is computed
+inside the kernels (phi(Q) is never stored). A map without one (``triton_code = None``: ffk,
+whose weights are trainable, or a newly registered map) has its phi(q), phi(k) computed by the
+module in PyTorch, and the fused core then runs with the identity map, so autograd reaches
+its weights.
 Causal forward and backward: the Triton chunked prefix-sum kernels (``triton_causal``;
 memory O(N/C * m * dv), never N x N).
 """
@@ -18,7 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .feature_maps import FeatureMap
+from .feature_maps import FEATURE_MAPS, FeatureMap
+from .registry import TRITON_IDENTITY
+from .triton_kernels import FMAP_ELU, FMAP_PERFORMER, FMAP_RELU
 from .triton_launch import (
     PERFORMER,
     causal_backward,
@@ -27,7 +31,9 @@ from .triton_launch import (
     noncausal_backward,
 )
 
-FMAP_CODES = {"identity": 0, "relu": 1, "rnn": 2, "performer": PERFORMER}
+_NO_FACTS = object()
+# The registry's codes the kernels have a branch for (triton_kernels._phi / _dphi).
+IN_KERNEL_CODES = frozenset(c.value for c in (FMAP_RELU, FMAP_ELU, FMAP_PERFORMER))
 
 
 # -- custom ops -----------------------------------------------------------------------------
@@ -125,15 +131,16 @@ def triton_attention_core(
     (True = real key) -> (B, H, N, dv) in q's dtype. Sums and states are fp32."""
     _check(q, k, v, key_padding_mask, causal)
     name = getattr(feature_map, "name", None)
+    code = getattr(feature_map, "triton_code", _NO_FACTS)  # the map class's (registry.py)
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
     w, scale = None, 1.0
-    if name == "ffk":
+    if code is None and not (causal and getattr(feature_map, "causal_stabilized", False)):
         kmask = None if mask is None else mask[:, None, :, None]
-        xq = feature_map(q, is_query=True)  # (B, H, N, m) fp32, autograd to the ffk weights
+        xq = feature_map(q, is_query=True)  # (B, H, N, m) fp32, autograd to the map's weights
         xk = feature_map(k, is_query=False, key_mask=kmask)  # (B, Hkv, M, m)
-        fmap = FMAP_CODES["identity"]
-    elif name in FMAP_CODES:
-        xq, xk, fmap = q, k, FMAP_CODES[name]
+        fmap = TRITON_IDENTITY
+    elif code in IN_KERNEL_CODES:
+        xq, xk, fmap = q, k, code
         if fmap == PERFORMER:
             w, scale = feature_map.W.detach().to(q.device), float(feature_map.scale)
             if w.shape[1] != q.shape[-1]:
@@ -142,8 +149,9 @@ def triton_attention_core(
                     f"build the feature map with head_dim={q.shape[-1]}")
     else:
         raise NotImplementedError(
-            f"no Triton kernel for feature map {name!r} (have performer, relu, rnn, ffk); "
-            "use backend='torch' for it")
+            f"no Triton kernel for feature map {name!r} (have {', '.join(FEATURE_MAPS)}; a map "
+            "whose causal keys need a per-key stabilizer needs a triton_code); use "
+            "backend='torch' for it")
     v = v.to(xq.dtype) if v.dtype != xq.dtype else v
     fn = FlurkaCausalCoreFunction if causal else FlurkaCoreFunction
     out = fn.apply(xq, xk.to(xq.dtype), v, w, mask, fmap, scale, eps)[0]

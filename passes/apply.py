@@ -1,4 +1,4 @@
-"""Build, verify and install the rewrite of every planned unit (after ``plan_sites.decide``).
+"""Build, verify and install the rewrite of every planned unit (after ``decide.decide``).
 
 Per unit: one FlurkaAttention per legal site; the rewritten graph is built on a copy and
 checked by translation validation (passes/verify.py) on every recorded check call; only a unit
@@ -12,13 +12,13 @@ from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 
-from flurka_rewrite.attention import FlurkaAttention
-from flurka_rewrite.config import RewriteConfig
+from flurka_rewrite.kernels.attention import FlurkaAttention
+from flurka_rewrite.passes.config import RewriteConfig
 
-from .graph_nx import site_region, to_digraph
+from .graph_nx import digraph_from_fx, site_region, to_digraph
 from .install import choose_variant, install
 from .mha import FlurkaMultiheadAttention
-from .plan_sites import Unit
+from .units import Unit
 from .rewrite import build_attention, rel_error
 from .site import Site
 from .verify import check_sites, rewritten_copy
@@ -39,7 +39,7 @@ def attention_for(s: Site, cfg: RewriteConfig) -> FlurkaAttention:
 
 def apply_all(units: Sequence[Unit], cfg: RewriteConfig, verify: bool) -> None:
     """Rewrite every unit with legal sites; with ``verify``, install only what passes."""
-    exact = cfg.kernel == "softmax" and cfg.dk is None
+    exact = cfg.exact
     installs: list[Callable[[], None]] = []
     for u in units:
         legal = [s for s in u.sites if s.ok]
@@ -66,7 +66,7 @@ def _fail(sites: Sequence[Site], fails: dict[int, str]) -> None:
 def _mha(u: Unit, s: Site, attns: dict, cfg: RewriteConfig, verify: bool,
          exact: bool) -> Callable[[], None] | None:
     def build(sites: Sequence[Site], att: dict[int, nn.Module]) -> nn.Module:
-        return FlurkaMultiheadAttention(u.module, att[s.index], cfg.hoist).eval()
+        return FlurkaMultiheadAttention(u.module, att[s.index], bool(s.hoisted)).eval()
 
     if verify:
         ref_module = _FirstOutput(u.module)
@@ -76,7 +76,7 @@ def _mha(u: Unit, s: Site, attns: dict, cfg: RewriteConfig, verify: bool,
             _fail([s], fails)
             return None
         s.verified = True
-    new = FlurkaMultiheadAttention(u.module, attns[s.index], cfg.hoist)
+    new = FlurkaMultiheadAttention(u.module, attns[s.index], bool(s.hoisted))
     s.hoisted = new.hoist
     s.rel_error = u.mha_rel_error(new) if u.call != ((), {}) else None
 
@@ -158,7 +158,6 @@ def _inputs(s: Site) -> list:
 
 def _picture_before(u: Unit, s: Site) -> Any:
     """networkx picture of the site's region before rewriting (report.graphs)."""
-    from flurka_rewrite.report import digraph_from_fx
     try:
         g = to_digraph(u.gm.graph)
         names = site_region(g, _inputs(s), s.output) | {n.name for n in _inputs(s)}
@@ -172,7 +171,6 @@ def _picture_before(u: Unit, s: Site) -> Any:
 
 def _picture_after(gm: Any, s: Site, env: dict, added: list) -> Any:
     """The nodes the site's rewrite added, with the site inputs they read."""
-    from flurka_rewrite.report import digraph_from_fx
     try:
         present = set(gm.graph.nodes)
         new = [n for n in added if n in present]

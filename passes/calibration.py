@@ -10,8 +10,9 @@ machine:
     gemm  matrix-product FLOPs outside SDPA (projections, down-sampling as executed: banded
           for a pool E with dk >= 64, feature-map products, kernel state and readout)
     elem  elementwise FLOPs other than exp-like ones (site_flops' convention: 1 per element)
-    exp   exp-like elements of the feature maps (performer: m per row; rnn's elu: dh per row;
-          ffk's sigmoid and softplus: 2m per row; relu: none)
+    exp   exp-like elements of the feature maps, ``MapFlops.exp`` of each map's ``flops``
+          (performer: m per row; rnn's elu: dh per row; ffk's sigmoid and softplus: 2m per
+          row; relu: none)
     sdpa  the FLOPs site_flops counts for a softmax core (F.scaled_dot_product_attention)
 
     seconds = sum_c  constant[c] * work[c]
@@ -23,7 +24,7 @@ of small attention layers (``measure``), and cached as JSON: ``$FLURKA_CALIBRATI
     python -m flurka_rewrite.passes.calibration            # ~20 s on 2 cores; --out PATH
 
 Opt in for ``kernel="auto"`` / ``dk="auto"`` by setting ``FLURKA_CALIBRATION=1`` (the cached
-file) or ``FLURKA_CALIBRATION=/path/to/calibration.json``: ``cost_model.choose`` then ranks the
+file) or ``FLURKA_CALIBRATION=/path/to/calibration.json``: ``passes/choose.py`` then ranks the
 candidates by predicted seconds (``Choice.flops`` stays the FLOP count). Unset: FLOPs, as before.
 """
 from __future__ import annotations
@@ -42,7 +43,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flurka_rewrite.kernels.registry import SOFTMAX, feature_map_class
+
 from . import cost_model
+from .atomic import atomic_write, write_bytes
 
 CATEGORIES = ("gemm", "elem", "exp", "sdpa")
 ENV_OPT_IN = "FLURKA_CALIBRATION"  # "1" = the cached file, or a path
@@ -57,9 +61,13 @@ def default_path() -> Path:
 
 
 # -- work per category ----------------------------------------------------------------------
-def _exp_per_row(kernel: str, dh: int, m: int) -> int:
-    """Exp-like elements per feature-map row (queries and keys alike)."""
-    return {"performer": m, "rnn": dh, "ffk": 2 * m, "relu": 0}[kernel]
+def _exp_elements(kernel: str, dh: int, m: int, q_rows: int, k_rows: int, *, groups: int,
+                  causal: bool) -> int:
+    """Exp-like elements of the feature map over q_rows query and k_rows key rows in
+    ``groups`` (batch, kv-head) groups (the map's ``FeatureMap.flops(...).exp``)."""
+    cls = feature_map_class(kernel)
+    return (cls.flops(q_rows, dh, m, is_query=True).exp
+            + cls.flops(k_rows, dh, m, is_query=False, causal=causal, groups=groups).exp)
 
 
 def _downsample_rows(dk: int, e_init: str) -> float:
@@ -93,7 +101,7 @@ def work_breakdown(
     core = cost_model.site_flops(**core_args)
     core_gemm = cost_model.site_flops(**core_args, gemm_only=True)
     work = {c: 0.0 for c in CATEGORIES}
-    if kernel == "softmax":
+    if kernel == SOFTMAX:
         work["sdpa"] = float(core)
         gemm, total = gemm - core_gemm, total - core
     if dk is not None:  # down-sampling of X (hoisted) or of K, V: dense count -> executed rows
@@ -101,9 +109,10 @@ def work_breakdown(
         per_row = 2 * (2 * B * M * width)  # E and F, 2 FLOPs per multiply-add
         saved = per_row * (dk - _downsample_rows(dk, e_init))
         gemm, total = gemm - saved, total - saved
-    if kernel != "softmax":
+    if kernel != SOFTMAX:
         m = cost_model.features_used(kernel, dh, num_features)
-        work["exp"] = float(_exp_per_row(kernel, dh, m) * (B * H * N + B * Hkv * K))
+        work["exp"] = float(_exp_elements(kernel, dh, m, B * H * N, B * Hkv * K, groups=B * Hkv,
+                                          causal=causal))
     work["gemm"] = float(gemm)
     work["elem"] = float(total - gemm - work["exp"])
     return work
@@ -140,10 +149,8 @@ class Calibration:
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write the JSON (atomically) to ``path`` or the default cache file."""
         path = Path(path) if path else default_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        atomic_write(str(path), lambda tmp: write_bytes(tmp, text.encode("utf-8")))
         return path
 
 
@@ -236,10 +243,10 @@ def build_layer(kernel: str, dk: int | None, *, dm: int, H: int, dh: int, N: int
                 seed: int = 0) -> SiteLayer:
     """The layer of (kernel, dk) at length N: full SDPA for softmax without dk, hoisted when
     dk is set (as the compiler does for a linear K/V projection chain)."""
-    from flurka_rewrite.attention import FlurkaAttention  # passes -> attention, lazily
+    from flurka_rewrite.kernels.attention import FlurkaAttention  # passes -> attention, lazily
 
     torch.manual_seed(seed)
-    if kernel == "softmax" and dk is None:
+    if kernel == SOFTMAX and dk is None:
         return SiteLayer(dm, H, dh, None, hoist=False).eval()
     attn = FlurkaAttention(kernel=kernel, heads=H, head_dim=dh, dk=dk,
                            max_seq_len=N if dk is not None else None, backend="torch")

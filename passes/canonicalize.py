@@ -48,7 +48,8 @@ _NAMES: dict[str, str] = {
 _TORCH_ARGS: dict[str, tuple[str, ...]] = {
     "softmax": ("x", "dim"), "transpose": ("x", "dim0", "dim1"), "matmul": ("a", "b"),
     "mul": ("a", "b"), "div": ("a", "b"), "add": ("a", "b"), "masked_fill": ("x", "mask", "value"),
-    "where": ("cond", "a", "b"), "dropout": ("x", "p", "training"), "linear": ("x", "weight", "bias"),
+    "where": ("cond", "a", "b"), "dropout": ("x", "p", "training"),
+    "linear": ("x", "weight", "bias"),
     "baddbmm": ("input", "a", "b"), "cast": ("x",), "getitem": ("x", "index"),
     "sdpa": ("q", "k", "v", "attn_mask", "dropout_p", "is_causal"),
 }

@@ -11,10 +11,12 @@ parameter shapes and call structure) share one export (``cache``).
 """
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 import logging
 import operator
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -144,20 +146,25 @@ def _copy_graph(g0: Graph) -> Graph:
     return g
 
 
-class _quiet:
-    """Silence export's per-dimension specialization warnings while capturing."""
-
-    def __enter__(self) -> None:
-        self.loggers = [logging.getLogger(n) for n in (
-            "torch._export.non_strict_utils", "torch.fx.experimental.symbolic_shapes",
-            "torch.export")]
-        self.levels = [lg.level for lg in self.loggers]
-        for lg in self.loggers:
-            lg.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: Any) -> None:
-        for lg, lvl in zip(self.loggers, self.levels):
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise the level of the named loggers for the block (torch.export's specialization
+    notes, its load warnings, the ONNX exporter's progress): the project's one silencer."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
             lg.setLevel(lvl)
+
+
+def _quiet() -> contextlib.AbstractContextManager:
+    """Silence export's per-dimension specialization warnings while capturing."""
+    return quiet_loggers("torch._export.non_strict_utils",
+                         "torch.fx.experimental.symbolic_shapes", "torch.export")
 
 
 def _from_export(module: nn.Module, ep: Any, consts: dict, sig: inspect.Signature,

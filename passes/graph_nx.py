@@ -13,17 +13,41 @@ from __future__ import annotations
 from typing import Iterable
 
 import networkx as nx
+import torch
 from torch.fx import Graph, Node
 
 
-def to_digraph(graph: Graph) -> nx.DiGraph:
-    """The graph as a DiGraph over node names (edge: producer -> user)."""
+def _target_name(n: Node) -> str:
+    t = n.target
+    if isinstance(t, str):
+        return t
+    if isinstance(t, torch._ops.OpOverload):
+        return str(t)
+    return getattr(t, "__name__", str(t))
+
+
+def digraph_from_fx(nodes: Iterable[Node], *, kinds: dict[str, str] | None = None
+                    ) -> nx.DiGraph:
+    """A DiGraph of FX nodes (a graph's ``.nodes`` or a subset): one graph node per FX node,
+    named ``node.name``, with attributes ``op``, ``target`` and, from ``kinds``, ``kind``;
+    edges go from a value to its users inside the set."""
+    nodes = list(nodes)
+    names = {n.name for n in nodes}
+    kinds = kinds or {}
     g = nx.DiGraph()
-    for n in graph.nodes:
-        g.add_node(n.name, op=n.op, target=str(n.target))
-        for inp in n.all_input_nodes:
-            g.add_edge(inp.name, n.name)
+    for n in nodes:
+        kind = kinds.get(n.name)
+        g.add_node(n.name, op=n.op, target=_target_name(n), **({"kind": kind} if kind else {}))
+    for n in nodes:
+        for user in n.users:
+            if user.name in names:
+                g.add_edge(n.name, user.name)
     return g
+
+
+def to_digraph(graph: Graph) -> nx.DiGraph:
+    """The whole graph as a DiGraph over node names (edge: producer -> user)."""
+    return digraph_from_fx(graph.nodes)
 
 
 def site_region(g: nx.DiGraph, inputs: Iterable[Node], output: Node) -> set[str]:

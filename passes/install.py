@@ -13,8 +13,9 @@ Hugging Face passes ``attention_mask=None`` for a batch without padding) and onc
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -93,7 +94,7 @@ def _rewritten_class(base: type, variants: list[tuple[str, str, dict[str, Any]]]
     fns = []
     for imports, src, extra in variants:
         glb: dict[str, Any] = dict(extra)
-        exec(compile(imports + "\n" + src, f"<flurka {base.__name__}>", "exec"), glb)  # noqa: S102
+        exec(compile(imports + "\n" + src, f"<flurka {base.__name__}>", "exec"), glb)
         fns.append(glb["forward"])
     if len(fns) == 1:
         forward = fns[0]
@@ -101,12 +102,12 @@ def _rewritten_class(base: type, variants: list[tuple[str, str, dict[str, Any]]]
         main, given = fns
         sig_fn = base.forward
 
-        def forward(self, *args, **kwargs):  # noqa: ANN001, ANN202 - same call as the original
+        def forward(self, *args, **kwargs):
             if choose_variant(sig_fn, when_given, (self, *args), kwargs):
                 return given(self, *args, **kwargs)
             return main(self, *args, **kwargs)
 
-    def __reduce_ex__(self, protocol):  # noqa: N807
+    def __reduce_ex__(self, protocol):
         return (_rebuild, (base, variants, when_given, self.__dict__))
 
     return type(base.__name__, (base,), {
@@ -127,3 +128,34 @@ def _rebuild(base: type, *rest: Any) -> nn.Module:
     obj = cls.__new__(cls)
     obj.__dict__.update(state)
     return obj
+
+
+@contextlib.contextmanager
+def kept_modes(model: nn.Module) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode, then give every module back its own
+    train/eval mode; modules the block added (the rewrite's) take their parent's."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        known = {id(m) for m, _ in modes}
+        for m in list(model.modules()):
+            for child in m.children():
+                if id(child) not in known:
+                    child.train(m.training)
+                    known.update(id(x) for x in child.modules())
+
+
+def refuse_output_attentions(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a converted Hugging Face model: ``output_attentions=True`` raises,
+    since rewritten sites compute no attention weights (Hugging Face records them with hooks
+    on attention modules whose forward the rewrite replaced) and would silently be missing."""
+    if kwargs.get("output_attentions") or getattr(getattr(module, "config", None),
+                                                   "output_attentions", False) is True:
+        raise ValueError(
+            "output_attentions=True: the attention sites flurka-rewrite rewrote compute no "
+            "attention weights, so they cannot be returned; call without output_attentions, "
+            "or convert with filter_fn=... excluding the sites whose weights you need")

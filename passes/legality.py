@@ -14,7 +14,7 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
-from flurka_rewrite.attention import MASKED_BELOW
+from flurka_rewrite.kernels.attention import MASKED_BELOW
 
 from .canonicalize import canon
 from .graph_nx import depends_on_any, escapes, site_region
@@ -147,9 +147,9 @@ def kv_chain(node: Node, gm: GraphModule, values: dict[str, Any], layout: str,
 def fill(site: Site, gm: GraphModule, values: dict[str, Any]) -> None:
     """Shapes, heads, mask kind, GQA and K/V chains from the example values."""
     try:
-        q = apply_fix(_tensor(values, site.q), site.q_fix)  # type: ignore[attr-defined]
-        k = apply_fix(_tensor(values, site.k), site.k_fix)  # type: ignore[attr-defined]
-        v = apply_fix(_tensor(values, site.v), site.v_fix)  # type: ignore[attr-defined]
+        q = apply_fix(_tensor(values, site.q), site.q_fix)
+        k = apply_fix(_tensor(values, site.k), site.k_fix)
+        v = apply_fix(_tensor(values, site.v), site.v_fix)
     except Exception:  # noqa: BLE001
         q = None
     if q is None or k is None or v is None:
@@ -157,8 +157,8 @@ def fill(site: Site, gm: GraphModule, values: dict[str, Any]) -> None:
         return
     if q.dim() == 4 and v.dim() == 3 and k.dim() == 4 and k.shape[1] == q.shape[1] and \
             v.shape[0] == q.shape[0] * q.shape[1]:  # weights viewed flat before the v product
-        site.v_fix.append(("unflatten", q.shape[1]))  # type: ignore[attr-defined]
-        site.out_fix.append(("flatten",))  # type: ignore[attr-defined]
+        site.v_fix.append(("unflatten", q.shape[1]))
+        site.out_fix.append(("flatten",))
         v = apply_fix(_tensor(values, site.v), [("unflatten", q.shape[1])])
     if q.dim() == 3:
         site.layout = "flat"
@@ -180,13 +180,13 @@ def fill(site: Site, gm: GraphModule, values: dict[str, Any]) -> None:
     if site.mask_kind.startswith("causal") or (
             site.mask_kind == "other" and _within_causal(mval, site.mask_invert)):
         site.causal = True  # a banded causal mask (sliding window) is causal too
-    if site.layout == "bhnd" and not site.k_fix and site.kv_heads == site.heads:  # type: ignore
+    if site.layout == "bhnd" and not site.k_fix and site.kv_heads == site.heads:
         kp = strip_repeat(site.k, gm, values, site.heads)
-        vp = strip_repeat(site.v, gm, values, site.heads) if not site.v_fix else None  # type: ignore
+        vp = strip_repeat(site.v, gm, values, site.heads) if not site.v_fix else None
         if kp is not None and vp is not None and kp.meta is not None:
             kvv = _tensor(values, kp)
             site.k_pre_repeat, site.v_pre_repeat, site.kv_heads = kp, vp, kvv.shape[1]
-    if not site.k_fix and not site.v_fix:  # type: ignore[attr-defined]
+    if not site.k_fix and not site.v_fix:
         kn = site.k_pre_repeat or site.k
         vn = site.v_pre_repeat or site.v
         site.k_chain = kv_chain(kn, gm, values, site.layout, site.kv_heads, site.head_dim)
@@ -198,16 +198,18 @@ def fill(site: Site, gm: GraphModule, values: dict[str, Any]) -> None:
 
 
 def check(site: Site, gm: GraphModule, values: dict[str, Any], g: nx.DiGraph,
-          params: set[str], exact: bool) -> None:
-    """Decide rewrite or skip (sets ``site.ok`` / ``site.reason``); never raises."""
+          params: set[str], exact: bool, lengths_known: bool = True) -> None:
+    """Decide rewrite or skip (sets ``site.ok`` / ``site.reason``); never raises.
+    ``lengths_known=False``: planned without example inputs, where the sequence lengths are
+    unknown by design (passes/static_plan.py)."""
     try:
-        _check(site, gm, values, g, params, exact)
+        _check(site, gm, values, g, params, exact, lengths_known)
     except Exception as e:  # noqa: BLE001 - a surprise is a skip, not a crash
         site.skip(f"could not analyse this site ({type(e).__name__}: {e})")
 
 
-def _check(site, gm, values, g, params, exact) -> None:
-    masks = getattr(site, "_all_masks", [])
+def _check(site, gm, values, g, params, exact, lengths_known) -> None:
+    masks = site.all_masks
     kinds = [classify_mask(_tensor(values, m), False, False) for m in masks]
     if "bias" in kinds or any(depends_on_any(g, m, params) for m in masks if isinstance(m, Node)):
         site.learned_bias = True
@@ -228,7 +230,7 @@ def _check(site, gm, values, g, params, exact) -> None:
         site.learned_bias = True
         site.skip(BIAS_REASON)
         return
-    dim = site._softmax_dim  # type: ignore[attr-defined]
+    dim = site.softmax_dim
     if site.weights:
         wv = _tensor(values, site.weights[0])
         nd = wv.dim() if wv is not None else None
@@ -239,17 +241,17 @@ def _check(site, gm, values, g, params, exact) -> None:
         inside = set(n.name for n in site.weights)
         leaks = [(n.name, u.name) for n in site.weights for u in n.users
                  if u.name not in inside and u is not site.output and "assert" not in str(u.target)]
-        scores = nx.descendants(g, site._qk.name) | {site._qk.name}  # type: ignore[attr-defined]
+        scores = nx.descendants(g, site.qk.name) | {site.qk.name}
         region = site_region(g, [site.q, site.k, site.v, site.mask], site.output)
         leaks += [e for e in escapes(g, region, site.output) if e[0] in scores]
         if leaks:
             outs = [e for e in leaks if g.nodes[e[1]]["op"] == "output"]
-            site._escape_output_only = len(outs) == len(leaks)  # type: ignore[attr-defined]
+            site.escape_output_only = len(outs) == len(leaks)
             what = ", ".join(sorted({f"{a} -> {b}" for a, b in leaks}))
             site.skip(f"attention weights are used elsewhere ({what}): rewriting would change "
                       "them")
             return
-    for n in site._scale_nodes:  # type: ignore[attr-defined]
+    for n in site.scale_nodes:
         if depends_on_any(g, n, params):
             site.skip("the softmax scale is a learned parameter; FLuRKA uses a fixed scale")
             return
@@ -257,5 +259,5 @@ def _check(site, gm, values, g, params, exact) -> None:
         site.skip("the mask is neither key padding nor causal (e.g. a sliding window); only "
                   "kernel='softmax', dk=None can keep it")
         return
-    if site.heads is None or site.seq_len is None:
+    if site.heads is None or (lengths_known and site.seq_len is None):
         site.skip("unknown shapes")

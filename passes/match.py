@@ -16,6 +16,7 @@ from torch.fx import GraphModule, Node
 
 from .canonicalize import COp, canon, is_getitem, is_op, sdpa_returns_tuple
 from .site import Site
+from .unmatched import unmatched_site
 
 _FILL_MIN = -1e4  # a masked_fill / where value at or below this counts as "masked out"
 
@@ -206,18 +207,17 @@ def _match_softmax(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: st
     site.weights, site.output, site.dropout_p = chain, pv.node, dropout_p
     site.scale = w.scale
     site.mask, site.mask_invert = w.mask, w.mask_invert
-    site._scale_nodes = w.scale_nodes  # type: ignore[attr-defined]
-    site._softmax_dim = c.get("dim")  # type: ignore[attr-defined]
-    site._qk = qk.node  # type: ignore[attr-defined]
-    site._all_masks = w.all_masks  # type: ignore[attr-defined]
-    site.q_fix, site.k_fix, site.v_fix, site.out_fix = [], [], [], []  # type: ignore[attr-defined]
+    site.scale_nodes = w.scale_nodes
+    site.softmax_dim = c.get("dim")
+    site.qk = qk.node
+    site.all_masks = w.all_masks
     if qk.op in ("matmul", "baddbmm"):
         q, k_t = qk.get("a"), qk.get("b")
         site.k, site.k_transposed = _strip_transpose(k_t, gm, values)
         site.q = _strip_scale(q, gm, values, site)
         site.k = _strip_scale(site.k, gm, values, site)
         if site.k_transposed:
-            site.k_fix.append(("transpose", -2, -1))  # type: ignore[attr-defined]
+            site.k_fix.append(("transpose", -2, -1))
         if pv.op != "matmul":
             return None
         site.v = pv.get("b")
@@ -240,10 +240,10 @@ def _match_softmax(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: st
         c_ax, e_ax = c_ax[0], e_ax[0]
         site.q, site.k, site.v = qk.get("operands")[0], qk.get("operands")[1], pv.get("operands")[1]
         site.q = _strip_scale(site.q, gm, values, site)
-        site.q_fix.append(("einsum", f"{qs}->{batch}{n_ax}{c_ax}"))  # type: ignore[attr-defined]
-        site.k_fix.append(("einsum", f"{ks}->{batch}{m_ax}{c_ax}"))  # type: ignore[attr-defined]
-        site.v_fix.append(("einsum", f"{vs}->{batch}{m_ax}{e_ax}"))  # type: ignore[attr-defined]
-        site.out_fix.append(("einsum", f"{batch}{n_ax}{e_ax}->{os_}"))  # type: ignore[attr-defined]
+        site.q_fix.append(("einsum", f"{qs}->{batch}{n_ax}{c_ax}"))
+        site.k_fix.append(("einsum", f"{ks}->{batch}{m_ax}{c_ax}"))
+        site.v_fix.append(("einsum", f"{vs}->{batch}{m_ax}{e_ax}"))
+        site.out_fix.append(("einsum", f"{batch}{n_ax}{e_ax}->{os_}"))
         pat = ["einsum"] + w.parts[::-1][1:] + ["softmax"] + \
             [canon(n, gm).op for n in chain[1:]] + ["einsum"]
     site.pattern = "-".join(pat)
@@ -263,7 +263,7 @@ def _strip_scale(x: Any, gm: GraphModule, values: dict[str, Any], site: Site) ->
                 and v.dim() >= 3:
             site.scale = site.scale * f if c.op == "mul" else site.scale / f
             if isinstance(o, Node):
-                site._scale_nodes.append(o)  # type: ignore[attr-defined]
+                site.scale_nodes.append(o)
             return s
     return x
 
@@ -311,111 +311,11 @@ def _match_sdpa(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: str) 
     p = args["dropout_p"]
     site.dropout_p = float(p) if isinstance(p, (int, float)) else 0.0
     site.output, site.weights = out, []
-    site.q_fix, site.k_fix, site.v_fix, site.out_fix = [], [], [], []  # type: ignore[attr-defined]
-    site._scale_nodes, site._softmax_dim, site._qk = [], -1, None  # type: ignore[attr-defined]
-    site._all_masks = [site.mask] if isinstance(site.mask, Node) else []  # type: ignore
+    site.scale_nodes, site.softmax_dim, site.qk = [], -1, None
+    site.all_masks = [site.mask] if isinstance(site.mask, Node) else []
     if node.target is not None and args["enable_gqa"]:
         site.notes.append("enable_gqa")
     return site
-
-
-_SOFTCAP = ("tanh",)
-
-
-def _unmatched(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: str) -> Site | None:
-    """A softmax over scores (..., N, M) computed from a q k^T product that the patterns did
-    not match: reported as a skipped site with what was found, so the user sees it. None when
-    the softmax is not attention-like (no product of two activations of rank >= 3 within a
-    few ops, e.g. a classifier head)."""
-    sm = c.node
-    v = values.get(sm.name)
-    if values and not (isinstance(v, torch.Tensor) and v.dim() >= 3):
-        return None
-    seen, frontier, ops, product = set(), [c.get("x")], [], None
-    for _ in range(16):
-        nxt = []
-        for x in frontier:
-            if not isinstance(x, Node) or x in seen or x.op in ("placeholder", "get_attr"):
-                continue
-            seen.add(x)
-            cx = canon(x, gm)
-            ops.append(_word_of(x, gm))
-            if cx is not None and cx.op in ("matmul", "einsum", "baddbmm") and _activations(
-                    cx, values):
-                product = x
-                break
-            nxt += [a for a in x.all_input_nodes]
-        if product is not None or not nxt:
-            break
-        frontier = nxt
-    if product is None:
-        return None
-    site = Site(module_path=_module_path(cap_path, sm), node_name=sm.name,
-                pattern="softmax (not matched)")
-    site.q_fix, site.k_fix, site.v_fix, site.out_fix = [], [], [], []  # type: ignore[attr-defined]
-    found = sorted({o for o in ops if o not in ("matmul", "shape", "cast", "getitem")})
-    if any(o in _SOFTCAP for o in ops):
-        site.skip("logit soft-capping (tanh on the scores) enters the softmax; FLuRKA "
-                  "cannot represent it")
-    elif _biased(ops):
-        site.skip(BIAS_NOT_MATCHED)
-    elif not _reaches_product(sm, gm):
-        site.skip("the softmax weights are not multiplied with v (" +
-                  ", ".join(sorted({_word_of(u, gm) for u in sm.users})) + ")")
-    else:
-        site.skip("not recognised as softmax(scale * q k^T + mask) v: the scores pass "
-                  f"through {', '.join(found) or 'unknown ops'}")
-    return site
-
-
-BIAS_NOT_MATCHED = ("an additive term on the scores that is not a padding or causal mask "
-                    "(e.g. ALiBi or a relative position bias) enters the softmax; FLuRKA "
-                    "cannot represent it")
-
-
-def _word_of(node: Node, gm: GraphModule) -> str:
-    """The vocabulary word of a node, else its function / method name (no overload)."""
-    cx = canon(node, gm)
-    if cx is not None:
-        return cx.op
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        return t.overloadpacket.__name__
-    return str(getattr(t, "__name__", t))
-
-
-def _biased(ops: list[str]) -> bool:
-    """The score path adds something (baddbmm with its input, add) to the q k^T product."""
-    return "baddbmm" in ops or "add" in ops
-
-
-def _reaches_product(sm: Node, gm: GraphModule) -> bool:
-    """The softmax weights reach a matmul / einsum through casts, dropout and views."""
-    frontier = [sm]
-    for _ in range(6):
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                w = _word_of(u, gm)
-                if w in ("matmul", "einsum", "baddbmm"):
-                    return True
-                if w in ("cast", "dropout", "shape", "getitem"):
-                    nxt.append(u)
-        frontier = nxt
-    return False
-
-
-def _activations(c: COp, values: dict[str, Any]) -> bool:
-    """Both operands of a product are activations of rank >= 3 (not a weight matrix)."""
-    ops = c.get("operands") if c.op == "einsum" else [c.get("a"), c.get("b")]
-    if not ops or len(ops) != 2 or not all(isinstance(o, Node) for o in ops):
-        return False
-    if any(o.op == "get_attr" for o in ops):
-        return False
-    if not values:
-        return True
-    vals = [values.get(o.name) for o in ops]
-    return all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in vals)
 
 
 def find_sites(gm: GraphModule, values: dict[str, Any], cap_path: str) -> list[Site]:
@@ -427,9 +327,9 @@ def find_sites(gm: GraphModule, values: dict[str, Any], cap_path: str) -> list[S
             continue
         site = None
         if c.op == "softmax":
-            site = _match_softmax(c, gm, values, cap_path) or _unmatched(c, gm, values,
-                                                                          cap_path)
-            for o in getattr(site, "_scale_nodes", []):  # a scale from a forward argument
+            site = _match_softmax(c, gm, values, cap_path) or unmatched_site(
+                c, gm, values, _module_path(cap_path, node))
+            for o in site.scale_nodes if site is not None else ():  # a forward-argument scale
                 v = values.get(o.name)
                 if isinstance(v, (bool, int, float, torch.SymInt, torch.SymFloat)):
                     site.arg_guards.append((o, float(v), "scale"))

@@ -1,4 +1,5 @@
-"""Module-level sites: ``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer``).
+"""Module-level sites: ``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer``):
+the site (``mha_site``, with or without a recorded call) and its replacement.
 
 ``FlurkaMultiheadAttention`` takes over the MHA's own parameters (same tensors, same names:
 ``in_proj_weight``, ``in_proj_bias``, ``out_proj``) and computes attention with a
@@ -8,12 +9,17 @@ which would read the projections directly and bypass this module.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from flurka_rewrite.attention import MASKED_BELOW, FlurkaAttention
+from flurka_rewrite.kernels.attention import MASKED_BELOW, FlurkaAttention
+
+from .legality import classify_mask
+from .site import Site
 
 
 class FlurkaMultiheadAttention(nn.Module):
@@ -79,3 +85,67 @@ class FlurkaMultiheadAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, None
+
+
+# -- the site ---------------------------------------------------------------------------------
+MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+            "average_attn_weights", "is_causal")
+
+
+def mha_site(path: str, mha: nn.MultiheadAttention, call: dict[str, Any] | None = None,
+             weights_read: bool = False) -> Site:
+    """The site of one ``nn.MultiheadAttention``: sizes from the module, and with the recorded
+    ``call`` (its arguments by name) the sequence lengths and the mask kind; without a call
+    the key padding mask is read at run time. ``weights_read``: the caller uses the attention
+    weights (output [1]), so the site is skipped."""
+    s = Site(module_path=path, node_name="mha", pattern="mha")
+    s.heads = s.kv_heads = mha.num_heads
+    s.head_dim = s.v_dim = mha.head_dim
+    s.dm, s.scale, s.dropout_p = mha.embed_dim, mha.head_dim ** -0.5, mha.dropout
+    if call is None:
+        s.mask_kind = "padding"  # key_padding_mask is read at run time (FlurkaMultiheadAttention)
+    else:
+        q, k = call["query"], call["key"]
+        if not mha.batch_first:
+            q, k = q.transpose(0, 1), k.transpose(0, 1)
+        s.batch, s.seq_len, s.kv_seq_len = q.shape[0], q.shape[1], k.shape[1]
+        am = call.get("attn_mask")
+        # a bool mask is True where attention is NOT allowed; a float mask is additive
+        # (nn.Transformer.generate_square_subsequent_mask: 0 and -inf)
+        s.mask_kind = classify_mask(am, am.dtype == torch.bool, bool(call.get("is_causal"))) \
+            if am is not None else ("causal" if call.get("is_causal") else "none")
+        if call.get("key_padding_mask") is not None and s.mask_kind == "none":
+            s.mask_kind = "padding"
+        s.causal = s.mask_kind.startswith("causal")
+    if mha.bias_k is not None or mha.add_zero_attn:
+        s.skip("nn.MultiheadAttention with add_bias_kv / add_zero_attn is not supported")
+    elif s.mask_kind in ("bias", "other"):
+        s.skip("the attention mask is neither key padding nor causal")
+    elif weights_read:
+        s.skip("attention weights are used elsewhere (the caller reads the MHA's second "
+               "output): rewriting would change them")
+    return s
+
+
+def weights_used(model: nn.Module, path: str) -> bool:
+    """Whether the caller of an MHA reads its attention weights (output [1]); True when the
+    caller cannot be traced and the weights were requested."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else None
+    if parent is None:
+        return False  # the MHA is the model itself: its caller is the user's code
+    if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return False
+    try:
+        gm = torch.fx.symbolic_trace(parent)
+    except Exception:  # noqa: BLE001
+        return True
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target == name:
+            for u in n.users:
+                if not (u.op == "call_function" and len(u.args) > 1 and u.args[1] == 0):
+                    if u.users or u.op == "output":
+                        return True
+    return False
+
+

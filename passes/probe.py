@@ -87,3 +87,54 @@ def _padded(mask: Any, ref: torch.Tensor | None) -> torch.Tensor | None:
         return None
     probe[-1, n - pad:] = 0
     return probe
+
+
+def example_or_dummy(model: nn.Module, example_inputs: Any) -> Any:
+    """The given example inputs, else a Hugging Face model's ``dummy_inputs``, else None (static
+    planning on ``symbolic_trace``, passes/static_plan.py)."""
+    if example_inputs is not None:
+        return example_inputs
+    dummy = getattr(model, "dummy_inputs", None)
+    if isinstance(dummy, dict) and dummy:
+        return dummy
+    return None
+
+
+def batch_of(ex: Any) -> int:
+    """The leading size of the first tensor of an example (0 when there is none)."""
+    leaves = ex.values() if isinstance(ex, dict) else ex if isinstance(ex, (tuple, list)) \
+        else [ex]
+    return next((t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and t.dim()), 0)
+
+
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx",
+                   "max_len")
+
+
+def position_limit(model: nn.Module) -> tuple[int, str] | None:
+    """(the longest sequence the model's config allows, the config field), if it says."""
+    config = getattr(model, "config", None)
+    for name in POSITION_LIMITS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, name
+    return None
+
+
+def check_runs(model: nn.Module, ex: Any) -> None:
+    """The original model runs on the example inputs; else a ValueError that says so (and
+    names the position limit when the sequence is longer), not an error from deep inside."""
+    args, kwargs = ((), ex) if isinstance(ex, dict) else (
+        (tuple(ex) if isinstance(ex, (tuple, list)) else (ex,)), {})
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as e:
+        leaves = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        n = next((int(t.shape[1]) for t in leaves if t.dim() >= 2), None)
+        limit = position_limit(model)
+        hint = (f"; its config allows at most {limit[0]} positions ({limit[1]}) and the example "
+                f"has {n}" if limit and n and n > limit[0] else "")
+        raise ValueError(f"{type(model).__name__} itself fails on the example inputs, before "
+                         f"any rewrite ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                         f"{hint}: pass example inputs the model accepts") from e

@@ -3,7 +3,7 @@
     q, k, v (layout fixes applied; GQA repeat_kv stripped)  -> flurka_<i>(q, k, v, attn_mask=m)
 
 When the K and V projection chains are linear and position-independent and the site is
-low-rank, the down-sampling is hoisted above the projections (DESIGN 3.3):
+low-rank, the down-sampling is hoisted above the projections (docs/design.md §3.3):
 
     keep = flurka_<i>.key_keep(m, M)
     k    = flurka_<i>.project_kv(x, W_k, b_k, "k", keep).view(B, dk, Hkv, dh).transpose(1, 2)
@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from flurka_rewrite.attention import FlurkaAttention
+from flurka_rewrite.kernels.attention import FlurkaAttention
+from flurka_rewrite.kernels.reference import rel_error as relative_error
+from flurka_rewrite.kernels.registry import takes_num_features
 
-from .site import KVChain, Site
+from .site import KVChain, Site, can_hoist
 
 
 def build_attention(site: Site, *, kernel: str, dk: int | None, num_features: int | None,
@@ -30,7 +32,7 @@ def build_attention(site: Site, *, kernel: str, dk: int | None, num_features: in
     return FlurkaAttention(
         kernel=kernel, heads=site.heads, head_dim=site.head_dim, kv_heads=site.kv_heads,
         dk=dk, max_seq_len=max_seq_len if dk is not None else None,
-        num_features=num_features if kernel in ("performer", "ffk") else None,
+        num_features=num_features if takes_num_features(kernel) else None,
         scale=site.scale, causal=site.causal, dropout=site.dropout_p, e_init=e_init,
         seed=seed, backend=backend)
 
@@ -126,13 +128,13 @@ def rewrite_site(gm: GraphModule, site: Site, name: str, attn: FlurkaAttention,
         from .export_capture import _guard
         for node, value, arg in site.arg_guards:  # read from graph values: still the same?
             g.call_function(_guard, (node, value, arg, site.module_path or "<root>"))
-        q = _fix(g, site.q, site.q_fix)  # type: ignore[attr-defined]
+        q = _fix(g, site.q, site.q_fix)
         mask = site.mask
         if mask is not None and site.mask_invert:
             mask = g.call_function(torch.logical_not, (mask,))
         flat = site.layout == "flat"
         kwargs: dict[str, Any] = {"attn_mask": mask}
-        if hoist and attn.dk is not None and site.k_chain is not None and not flat:
+        if attn.dk is not None and can_hoist(site, hoist):
             fa = g.get_attr(name)
             src_len = g.call_method("size", (site.k_chain.x, 1))
             keep = g.call_method("key_keep", (fa, mask, src_len))
@@ -141,8 +143,8 @@ def rewrite_site(gm: GraphModule, site: Site, name: str, attn: FlurkaAttention,
             kwargs["source_len"] = src_len
             hoisted = True
         else:
-            k = _fix(g, site.k_pre_repeat or site.k, site.k_fix)  # type: ignore[attr-defined]
-            v = _fix(g, site.v_pre_repeat or site.v, site.v_fix)  # type: ignore[attr-defined]
+            k = _fix(g, site.k_pre_repeat or site.k, site.k_fix)
+            v = _fix(g, site.v_pre_repeat or site.v, site.v_fix)
         if flat:  # (B*H, N, d) -> (B*H, 1, N, d); a (B*H, N, M) mask likewise
             q, k, v = (g.call_method("unsqueeze", (t, 1)) for t in (q, k, v))
             if mask is not None and site.mask_rank == 3:
@@ -153,7 +155,7 @@ def rewrite_site(gm: GraphModule, site: Site, name: str, attn: FlurkaAttention,
         res = g.call_module(name, (q, k, v), kwargs)
         if flat:
             res = g.call_method("squeeze", (res, 1))
-        res = _fix(g, res, site.out_fix)  # type: ignore[attr-defined]
+        res = _fix(g, res, site.out_fix)
     out.replace_all_uses_with(res)
     g.eliminate_dead_code(is_impure_node=_keep)
     while _drop_orphan_asserts(g):  # each pass can orphan the asserts one level up
@@ -165,9 +167,9 @@ def rewrite_site(gm: GraphModule, site: Site, name: str, attn: FlurkaAttention,
 def site_inputs(site: Site, values: dict[str, Any]) -> tuple:
     """(q, k, v, attn_mask) of the site on the example inputs, in FlurkaAttention layout."""
     from .match import apply_fix
-    q = apply_fix(values[site.q.name], site.q_fix)  # type: ignore[attr-defined]
-    k = apply_fix(values[(site.k_pre_repeat or site.k).name], site.k_fix)  # type: ignore
-    v = apply_fix(values[(site.v_pre_repeat or site.v).name], site.v_fix)  # type: ignore
+    q = apply_fix(values[site.q.name], site.q_fix)
+    k = apply_fix(values[(site.k_pre_repeat or site.k).name], site.k_fix)
+    v = apply_fix(values[(site.v_pre_repeat or site.v).name], site.v_fix)
     mask = values.get(site.mask.name) if isinstance(site.mask, Node) else None
     if mask is not None and site.mask_invert:
         mask = ~mask
@@ -193,8 +195,7 @@ def rel_error(site: Site, values: dict[str, Any], attn: FlurkaAttention) -> floa
         if site.layout == "flat":
             out = out[:, 0]
         from .match import apply_fix
-        out = apply_fix(out, site.out_fix)  # type: ignore[attr-defined]
-        ref = ref.float()
-        return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        out = apply_fix(out, site.out_fix)
+        return relative_error(out, ref)
     except Exception:  # noqa: BLE001 - rel_error is informative only
         return None

@@ -43,7 +43,7 @@ class Site:
     mask: Node | None = None  # mask node passed as attn_mask (bool keep or additive float)
     mask_rank: int | None = None  # rank of the mask value on the example inputs
     mask_invert: bool = False  # mask node is True where masked (masked_fill): invert it
-    mask_kind: str = "none"  # none | padding | causal | causal+padding | additive | bias | other
+    mask_kind: str = "none"  # none | padding | causal | causal+padding | bias | other
     causal: bool = False
     dropout_p: float = 0.0
     heads: int | None = None
@@ -61,6 +61,18 @@ class Site:
     k_pre_repeat: Node | None = None  # GQA: k before repeat_kv (kv_heads heads)
     v_pre_repeat: Node | None = None
     learned_bias: bool = False
+    # matcher bookkeeping, read by legality and rewrite
+    qk: Node | None = None  # the q k^T product (graph sites)
+    scale_nodes: list[Node] = field(default_factory=list)  # the nodes that scale the scores
+    softmax_dim: int | None = -1
+    all_masks: list[Node] = field(default_factory=list)  # every mask added to the scores
+    # layout fixes that bring q / k / v to (B, H, N, d) and the result back to the graph's
+    # layout: ("transpose", a, b), ("einsum", "src->dst"), ("unflatten", H), ("flatten",)
+    q_fix: list[tuple] = field(default_factory=list)
+    k_fix: list[tuple] = field(default_factory=list)
+    v_fix: list[tuple] = field(default_factory=list)
+    out_fix: list[tuple] = field(default_factory=list)
+    escape_output_only: bool = False  # the weights leave the module only through its output
     # (node, value on the example, name): call arguments read from graph values; the rewrite
     # checks at run time that each still has that value (export_capture._guard)
     arg_guards: list[tuple[Node, Any, str]] = field(default_factory=list)
@@ -93,3 +105,12 @@ class Site:
         if self.ok:
             self.ok, self.reason = False, reason
         return self
+
+
+def can_hoist(site: Site, hoist: bool) -> bool:
+    """The one hoisting rule (docs/design.md §3.3), read by the cost model, the planner and both
+    rewriters: with ``hoist`` asked, a low-rank site's down-sampling moves above the K/V
+    projections when they are known: an ``nn.MultiheadAttention``'s always, a graph site's
+    when its K/V chain was recognised in the (B, H, N, d) layout."""
+    return bool(hoist and (site.pattern == "mha"
+                           or (site.k_chain is not None and site.layout == "bhnd")))

@@ -21,14 +21,14 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule, Node
 
-from flurka_rewrite.config import RewriteConfig
-
 from .canonicalize import canon
+from .config import RewriteConfig
 from .graph_nx import to_digraph
 from .legality import check
 from .match import find_sites
-from .plan_sites import Unit, _learned, train_dropout
+from .mha import mha_site
 from .site import Site
+from .units import Unit, learned_nodes, train_dropout
 
 SHAPES_UNKNOWN = "shapes unknown without example_inputs: pass example_inputs"
 MASK_UNKNOWN = ("mask kind unknown without example_inputs (padding, causal or bias?): only "
@@ -40,7 +40,7 @@ def trace_model(model: nn.Module) -> GraphModule:
     """``symbolic_trace(model)``; a ValueError that says to pass example_inputs if it fails."""
     try:
         return torch.fx.symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001 - any trace failure means: inputs are needed
+    except Exception as e:
         msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         raise ValueError(
             f"{type(model).__name__} has no example inputs and torch.fx.symbolic_trace could "
@@ -120,9 +120,9 @@ def _bhnd(node: Node, fix: list[tuple], gm: GraphModule) -> tuple[int, int] | No
 
 
 def _fill(s: Site, gm: GraphModule) -> None:
-    q = _bhnd(s.q, s.q_fix, gm)  # type: ignore[attr-defined]
-    k = _bhnd(s.k, s.k_fix, gm)  # type: ignore[attr-defined]
-    v = _bhnd(s.v, s.v_fix, gm)  # type: ignore[attr-defined]
+    q = _bhnd(s.q, s.q_fix, gm)
+    k = _bhnd(s.k, s.k_fix, gm)
+    v = _bhnd(s.v, s.v_fix, gm)
     if q is None or k is None or v is None or q[1] != k[1] or q[0] % k[0] or k[0] != v[0]:
         s.skip(SHAPES_UNKNOWN)
         return
@@ -130,17 +130,6 @@ def _fill(s: Site, gm: GraphModule) -> None:
     if s.scale is None:
         s.scale = s.head_dim ** -0.5
     s.mask_kind = ("causal" if s.causal else "none") if s.mask is None else "other"
-
-
-def _mha_site(path: str, mha: nn.MultiheadAttention) -> Site:
-    s = Site(module_path=path, node_name="mha", pattern="mha")
-    s.heads = s.kv_heads = mha.num_heads
-    s.head_dim = s.v_dim = mha.head_dim
-    s.dm, s.scale, s.dropout_p = mha.embed_dim, mha.head_dim ** -0.5, mha.dropout
-    s.mask_kind = "padding"  # key_padding_mask is read at run time (FlurkaMultiheadAttention)
-    if mha.bias_k is not None or mha.add_zero_attn:
-        s.skip("nn.MultiheadAttention with add_bias_kv / add_zero_attn is not supported")
-    return s
 
 
 def analyse_static(model: nn.Module, cfg: RewriteConfig) -> list[Unit]:
@@ -151,8 +140,8 @@ def analyse_static(model: nn.Module, cfg: RewriteConfig) -> list[Unit]:
         raise ValueError(
             f"dk={cfg.dk!r} (low-rank) needs the longest key sequence length, unknown without "
             "example inputs: pass max_seq_len=... (or example_inputs=...), or use dk=None")
-    exact = cfg.kernel == "softmax" and cfg.dk is None
-    g, params = to_digraph(gm.graph), _learned(gm)
+    exact = cfg.exact
+    g, params = to_digraph(gm.graph), learned_nodes(gm)
     sites = find_sites(gm, {}, "")
     for s in sites:
         _fill(s, gm)
@@ -162,16 +151,14 @@ def analyse_static(model: nn.Module, cfg: RewriteConfig) -> list[Unit]:
             s.skip(MASK_UNKNOWN)
             continue
         stub = {s.weights[0].name: torch.empty((0,) * 4)} if s.weights else {}  # rank only
-        check(s, gm, stub, g, params, exact)
-        if s.reason == "unknown shapes":  # lengths are unknown by design here
-            s.ok, s.reason = True, None
+        check(s, gm, stub, g, params, exact, lengths_known=False)
         if getattr(model, "config", None) is not None and s.dropout_p == 0.0:
             s.dropout_p = train_dropout(model, s.module_path)
     units = [Unit("", model, model, "graph", gm=gm, values={}, sites=sites,
                   how="symbolic_trace (no example inputs)")]
     for path, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
-            units.append(Unit(path, m, model, "mha", sites=[_mha_site(path, m)]))
+            units.append(Unit(path, m, model, "mha", sites=[mha_site(path, m)]))
     for i, s in enumerate(x for u in units for x in u.sites):
         s.index = i
     for s in (x for u in units for x in u.sites):

@@ -24,8 +24,9 @@ from torch import Tensor
 from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
-from flurka_rewrite.attention import FlurkaAttention
+from flurka_rewrite.kernels.attention import FlurkaAttention
 from flurka_rewrite.kernels.reference import softmax_attention
+from flurka_rewrite.kernels.registry import SOFTMAX
 
 from .site import KVChain, Site
 
@@ -58,11 +59,11 @@ def twin_attention(real: FlurkaAttention, max_len: int) -> FlurkaAttention:
     common = dict(heads=real.heads, head_dim=real.head_dim, kv_heads=real.kv_heads,
                   scale=real.scale, causal=real.causal, backend="torch")
     if real.dk is not None:  # "pool" with dk == max_seq_len is the identity
-        return FlurkaAttention(kernel="softmax", dk=max_len, max_seq_len=max_len,
+        return FlurkaAttention(kernel=SOFTMAX, dk=max_len, max_seq_len=max_len,
                                e_init="pool", **common)
-    if real.kernel == "softmax":
-        return FlurkaAttention(kernel="softmax", dropout=real.dropout, **common)
-    return MaskAsKeyPadding(kernel="softmax", **common)
+    if real.kernel == SOFTMAX:
+        return FlurkaAttention(kernel=SOFTMAX, dropout=real.dropout, **common)
+    return MaskAsKeyPadding(kernel=SOFTMAX, **common)
 
 
 # -- comparing outputs -------------------------------------------------------------------

@@ -314,7 +314,8 @@ CASES: dict[str, Callable[[], Case]] = {
 }
 NEGATIVE: dict[str, Callable[[], Case]] = {
     "softmax_wrong_axis": lambda: Case(Wrap(SoftmaxWrongAxis()), (_x(),), 1, 0, reason="axis"),
-    "weights_returned": lambda: Case(Wrap(WeightsReturned()), (_x(),), 1, 0, reason="used elsewhere"),
+    "weights_returned": lambda: Case(Wrap(WeightsReturned()), (_x(),), 1, 0,
+                                     reason="used elsewhere"),
     "learned_bias": lambda: Case(Wrap(LearnedBias()), (_x(),), 1, 0, reason="bias"),
     "classifier_only": lambda: Case(Classifier(), (_x(),), 0, 0),
 }

@@ -19,12 +19,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import cost_model_check as cmc  # noqa: E402
-import e2e_cpu as e2e  # noqa: E402
+import cost_model_check as cmc
+import e2e_cpu as e2e
 
-from flurka_rewrite.attention import FlurkaAttention  # noqa: E402
-from flurka_rewrite.passes import calibration as calib  # noqa: E402
-from flurka_rewrite.passes.cost_model import choose, site_flops  # noqa: E402
+from flurka_rewrite.kernels.attention import FlurkaAttention
+from flurka_rewrite.passes import calibration as calib
+from flurka_rewrite.passes.choose import choose
+from flurka_rewrite.passes.cost_model import site_flops
 
 TINY = dict(hidden=32, heads=2, ffn=64, vocab=50, dk=16)
 

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from flurka_rewrite.cli import EXIT_CODES, main
 from flurka_rewrite.demo import build_demo_model, demo_inputs, export_demo, rel_error
-from flurka_rewrite.io import LoadedModel, example_inputs_for, load_model
+from flurka_rewrite.example_inputs import example_inputs_for
+from flurka_rewrite.io import LoadedModel, load_model
 from flurka_rewrite.report import RewriteReport, SiteReport
 
 HAS_COMPILER = importlib.util.find_spec("flurka_rewrite.convert") is not None
@@ -314,7 +315,7 @@ def test_exact_mode_reproduces_the_original(source, demo_pt2, tmp_path, capsys) 
     x = new_inputs()
     with torch.no_grad():
         ref = build_demo_model()(**x)
-    # fp32, same math in another op order: 1e-5 (DESIGN section 6).
+    # fp32, same math in another op order: 1e-5 (docs/design.md §6).
     torch.testing.assert_close(run_program(out, x), ref, rtol=1e-5, atol=1e-5)
 
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from flurka_rewrite import atomic
+from flurka_rewrite.passes import atomic
 from flurka_rewrite.cli import main
 
 DEMO = ["--demo", "--dk", "8", "--example-shape", "2,16", "-q"]
@@ -131,13 +131,13 @@ def test_replacing_a_directory_swaps_it_in_one_step(tmp_path, monkeypatch) -> No
 
 
 def test_sigterm_mid_write_cleans_up_and_exits_143(tmp_path, capsys, monkeypatch) -> None:
-    import flurka_rewrite.cli as cli
+    import flurka_rewrite.outputs as outputs
 
     def killed(path, data):
         open(path, "wb").write(data[: len(data) // 2])
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
-    monkeypatch.setattr(cli, "write_bytes", killed)
+    monkeypatch.setattr(outputs, "write_bytes", killed)
     rc, err = run(capsys, *DEMO, "-o", str(tmp_path / "o.pt2"))
     assert rc == 143 and "terminated" in err, err
     assert os.listdir(tmp_path) == []
@@ -163,12 +163,12 @@ def test_force_keeps_the_mode_of_the_file_it_replaces(tmp_path, capsys) -> None:
 
 
 def test_full_disk_exits_10_and_leaves_the_old_file(tmp_path, capsys, monkeypatch) -> None:
-    import flurka_rewrite.cli as cli
+    import flurka_rewrite.outputs as outputs
 
     def full(path, data):
         open(path, "wb").write(data[:100])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-    monkeypatch.setattr(cli, "write_bytes", full)
+    monkeypatch.setattr(outputs, "write_bytes", full)
     out = tmp_path / "o.pt2"
     out.write_bytes(b"old")
     rc, err = run(capsys, *DEMO, "-o", str(out), "--force")
@@ -261,14 +261,14 @@ def test_save_of_a_plain_module_tells_the_cli_user_what_to_do(tmp_path, capsys) 
 
 
 def test_readme_exit_code_table_is_complete() -> None:
-    """The README's table lists exactly the codes the CLI returns (EXIT_CODES), and every
-    error class's code is in it."""
+    """The exit-code table of docs/cli.md (linked from the README) lists exactly the codes the
+    CLI returns (EXIT_CODES), and every error class's code is in it."""
     import re
 
     from flurka_rewrite import io as fio
     from flurka_rewrite.cli import EXIT_CODES
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "docs", "cli.md")).read()
     table = readme[readme.index("| code | meaning |"):]
     table = table[:table.index("\n\n")]
     codes = [int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)]

@@ -1,4 +1,4 @@
-"""The public API of DESIGN section 5: convert / plan keywords, the input model untouched,
+"""The public API of docs/design.md §5: convert / plan keywords, the input model untouched,
 inplace, the report's fields, and clear errors."""
 from __future__ import annotations
 

@@ -14,11 +14,10 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from flurka_rewrite.attention import FlurkaAttention
+from flurka_rewrite.kernels.attention import FlurkaAttention
+from flurka_rewrite.passes.choose import Choice, choose
 from flurka_rewrite.passes.cost_model import (
     METHODS,
-    Choice,
-    choose,
     default_num_features,
     method_of,
     site_flops,
@@ -47,7 +46,8 @@ def flop_counter() -> FlopCounterMode:
     """FlopCounterMode that also counts CPU SDPA (``_scaled_dot_product_flash_attention_for_cpu``
     is missing from its registry, so on CPU it would count exact attention as 0)."""
     return FlopCounterMode(
-        display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_products})
+        display=False,
+        custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_products})
 
 
 _ELEMWISE = {"add", "sub", "mul", "div", "exp", "relu", "elu", "sigmoid", "softplus", "clamp_min",

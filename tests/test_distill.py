@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flurka_rewrite as fr
-from flurka_rewrite.attention import FlurkaAttention
+from flurka_rewrite.kernels.attention import FlurkaAttention
 import models_handwritten as mh
 import zoo_hf
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import uptrain_vit_digits as ex  # noqa: E402
+import uptrain_vit_digits as ex
 
 TINY = replace(ex.FULL, dim=16, depth=2, heads=2, train_epochs=1, distill_steps=12,
                finetune_epochs=1)

@@ -1,4 +1,4 @@
-"""Feature maps (DESIGN 3.2): each map against its formula written out here in float64, the
+"""Feature maps (docs/design.md §3.2): each map against its formula written out here in float64, the
 FAVOR+ projection's structure, its unbiasedness and convergence, and the redraw schedule."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from flurka_rewrite.attention import FlurkaAttention
+from flurka_rewrite.kernels.attention import FlurkaAttention
 from flurka_rewrite.kernels.feature_maps import (
     FEATURE_MAPS,
     build_feature_map,
@@ -24,7 +24,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_registry_lists_maps_and_rejects_unknown():
     assert {"performer", "relu", "rnn", "ffk"} <= set(FEATURE_MAPS)
-    with pytest.raises(ValueError, match="unknown feature map 'favor'; expected one of .*performer"):
+    with pytest.raises(ValueError,
+                       match="unknown feature map 'favor'; expected one of .*performer"):
         build_feature_map("favor", head_dim=8)
 
 
@@ -93,7 +94,8 @@ def test_orthogonal_gaussian_is_isotropic():
     """Row norms chi(d) (mean of |w|^2 is d) and directions uniform (mean direction ~ 0):
     150 draws of a 16x16 block (2400 rows)."""
     d, n = 16, 150
-    blocks = [orthogonal_gaussian(d, d, torch.Generator().manual_seed(s)).double() for s in range(n)]
+    blocks = [orthogonal_gaussian(d, d, torch.Generator().manual_seed(s)).double()
+              for s in range(n)]
     W = torch.cat(blocks)
     sq = (W * W).sum(1)
     assert abs(float(sq.mean()) - d) < 0.05 * d  # std of the mean: sqrt(2d/2400) ~ 0.12
@@ -129,7 +131,8 @@ def test_performer_estimator_is_unbiased():
     est = []
     for seed in range(100):
         fm = build_feature_map("performer", head_dim=d, num_features=64, seed=seed)
-        est.append(float((fm.formula(x[None], is_query=True) * fm.formula(y[None], is_query=False)).sum()))
+        phi_x, phi_y = fm.formula(x[None], is_query=True), fm.formula(y[None], is_query=False)
+        est.append(float((phi_x * phi_y).sum()))
     est_t = torch.tensor(est, dtype=torch.float64)
     se = float(est_t.std()) / math.sqrt(len(est))
     assert abs(float(est_t.mean()) - exact) < 4 * se + 1e-3, (float(est_t.mean()), exact, se)

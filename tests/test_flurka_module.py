@@ -1,5 +1,5 @@
 """``FlurkaAttention``: exact mode against brute force, hoisted == unhoisted, padding,
-GQA, gradients, low-rank initialisation and errors (DESIGN 3.1, 3.3, 3.4, 6)."""
+GQA, gradients, low-rank initialisation and errors (docs/design.md §3.1, 3.3, 3.4, 6)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flurka_rewrite.attention import FlurkaAttention, init_lowrank
+from flurka_rewrite.kernels.attention import FlurkaAttention, init_lowrank
 
 KERNELS = ["softmax", "performer", "relu", "rnn", "ffk"]
 
@@ -111,7 +111,7 @@ def test_hoisted_equals_unhoisted(kernel, pad, init):
         assert layer.E.std() > 0.2  # really a random E (std 1/sqrt(12)), not the identity
 
 
-# --- padding ---------------------------------------------------------------------------------------
+# --- padding ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kernel,dk", [("performer", None), ("rnn", None), ("softmax", 16),
                                        ("performer", 16), ("ffk", 16)],
                          ids=["performer-kernel-only", "rnn-kernel-only", "linformer",

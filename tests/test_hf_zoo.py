@@ -233,7 +233,7 @@ def test_bert_performer_reports_dropout_not_applied() -> None:
      "encoder.layer.0.attention.self", 0.25),
 ], ids=["gpt2-attn_pdrop", "llama-attention_dropout", "bart-attention_dropout", "bert"])
 def test_train_dropout_of_hf_attention(name: str, cfg_kw: dict, path: str, want: float) -> None:
-    from flurka_rewrite.passes.plan_sites import train_dropout
+    from flurka_rewrite.passes.units import train_dropout
     import transformers as tf
     cls, cfg_cls, base = {
         "gpt2": (tf.GPT2Model, tf.GPT2Config, zoo.GPT2_CFG),

@@ -58,14 +58,14 @@ def test_approximate_kernel_runs_and_is_verified(name: str) -> None:
 
 def test_capture_failure_tries_the_parent(monkeypatch) -> None:
     """A module that cannot be captured on its own call is captured through its parent."""
-    from flurka_rewrite.passes import plan_sites
-    real = plan_sites.capture_module
+    from flurka_rewrite.passes import units
+    real = units.capture_module
 
     def fail_inner(path, *a, **k):
         if path == "0":
             raise RuntimeError("cannot capture the inner module")
         return real(path, *a, **k)
-    monkeypatch.setattr(plan_sites, "capture_module", fail_inner)
+    monkeypatch.setattr(units, "capture_module", fail_inner)
     model, inputs, _, _ = CASES["softmax_module"]()
     wrapped = torch.nn.Sequential(model).eval()
     new = _convert(wrapped, inputs, "softmax", None)

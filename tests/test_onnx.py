@@ -1,6 +1,6 @@
 """``export_onnx``: ONNX Runtime outputs equal the PyTorch outputs of the same model.
 
-Oracle: the eager PyTorch model on the same inputs (DESIGN 6). The eager model runs the
+Oracle: the eager PyTorch model on the same inputs (docs/design.md §6). The eager model runs the
 reference's eager branches (E, F sliced with Python ints, pool bands, shortcuts) while the
 export takes the branches meant for tracing (zero-pad to max_seq_len, no shortcuts), so a
 match at a second sequence length also checks that both branches compute the same thing.
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import flurka_rewrite as fr
-from flurka_rewrite.attention import FlurkaAttention
+from flurka_rewrite.kernels.attention import FlurkaAttention
 from flurka_rewrite.kernels import dispatch
 
 onnx = pytest.importorskip("onnx")
@@ -51,8 +51,8 @@ def _keep(b: int, n: int, pad: int = 3) -> torch.Tensor:
 
 class TinyBlock(nn.Module):
     """One attention layer calling FlurkaAttention directly: hoisted (project_kv on the layer
-    input, DESIGN 3.3) or not; key padding as a bool (B, N) mask or an additive (B, 1, 1, N)
-    float mask."""
+    input, docs/design.md §3.3) or not; key padding as a bool (B, N) mask or an additive
+    (B, 1, 1, N) float mask."""
 
     def __init__(self, *, kernel: str, dk: int | None = None, hoist: bool = False,
                  causal: bool = False, additive: bool = False, chunk_size: int = 64,

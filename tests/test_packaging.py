@@ -16,7 +16,8 @@ PROBE = r"""
 import importlib, json, os
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 res = {}
-for name in ["flurka_rewrite", "flurka_rewrite.passes", "flurka_rewrite.kernels", "passes", "kernels"]:
+for name in ["flurka_rewrite", "flurka_rewrite.passes", "flurka_rewrite.kernels", "passes",
+             "kernels"]:
     try:
         importlib.import_module(name)
         res[name] = "ok"

@@ -1,5 +1,5 @@
 """Oracles for ``kernels/reference.py``: every attention variant against a brute-force O(N^2)
-evaluation in float64 written here, independently of the code under test (DESIGN section 6).
+evaluation in float64 written here, independently of the code under test (docs/design.md §6).
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ def brute_kernel(fm, q, k, v, *, causal=False, eps=0.0, key_padding_mask=None):
 
 
 # --- exact softmax -----------------------------------------------------------------------
-MASK_CASES = ["none", "bool", "additive", "causal", "causal+padding", "padding", "gqa", "gqa+causal"]
+MASK_CASES = ["none", "bool", "additive", "causal", "causal+padding", "padding", "gqa",
+              "gqa+causal"]
 
 
 @pytest.mark.parametrize("case", MASK_CASES)
@@ -169,7 +170,8 @@ def test_causal_chunk_size_does_not_change_result():
 
 def test_causal_needs_equal_lengths():
     with pytest.raises(ValueError, match="N=5, M=6"):
-        causal_kernel_attention(torch.rand(1, 1, 5, 4), torch.rand(1, 1, 6, 4), torch.rand(1, 1, 6, 4))
+        causal_kernel_attention(torch.rand(1, 1, 5, 4), torch.rand(1, 1, 6, 4),
+                                torch.rand(1, 1, 6, 4))
 
 
 # --- GQA -------------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ def test_lowrank_project_slices_and_zeroes_padding():
 def test_lowrank_bands_equal_dense_product(M):
     """A pool-structured E (blocks of positions, dk=40 rows over 100 positions, 7 rows per
     band) projected band by band equals the dense product, with and without padding."""
-    from flurka_rewrite.attention import init_lowrank
+    from flurka_rewrite.kernels.attention import init_lowrank
     from flurka_rewrite.kernels.reference import lowrank_bands
 
     g = torch.Generator().manual_seed(13)
@@ -267,7 +269,8 @@ def test_padding_equals_truncated_sequence(name, mode):
     fm = None if name == "softmax" else make_map(name, dh, H)
     E = F_ = None
     if mode == "low-rank":
-        E, F_ = torch.randn(12, 64, generator=g) / 12**0.5, torch.randn(12, 64, generator=g) / 12**0.5
+        E = torch.randn(12, 64, generator=g) / 12**0.5
+        F_ = torch.randn(12, 64, generator=g) / 12**0.5
     run = lambda q, k, v, kpm: flurka_attention(q, k, v, feature_map=fm, E=E, F_=F_,  # noqa: E731
                                                key_padding_mask=kpm)
     out = run(q, k, v, kpm)

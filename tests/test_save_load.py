@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flurka_rewrite as fr
-from flurka_rewrite.attention import FlurkaAttention
+from flurka_rewrite.kernels.attention import FlurkaAttention
 from flurka_rewrite.recipe_check import CHECKSUM_FIELD, recipe_checksum
 from flurka_rewrite.saving import RECIPE_FILE, WEIGHTS_FILE, RecipeError
 

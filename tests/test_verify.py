@@ -129,7 +129,7 @@ def test_wrong_scale_is_caught_and_rolled_back(monkeypatch) -> None:
         real_fill(site, gm, values)
         if site.node_name.endswith("_1"):
             site.scale *= 2
-    monkeypatch.setattr("flurka_rewrite.passes.plan_sites.fill", bad_fill)
+    monkeypatch.setattr("flurka_rewrite.passes.units.fill", bad_fill)
     m, x = TwoSites().eval(), _x()
     new = fr.convert(m, kernel="softmax", dk=None, example_inputs=(x,))
     rows = new.flurka_report.sites
@@ -146,7 +146,7 @@ def test_wrong_scale_is_caught_and_rolled_back(monkeypatch) -> None:
 def test_raising_approximation_is_rolled_back(monkeypatch) -> None:
     """An approximate kernel that raises on the example inputs: the unit is rolled back, the
     converted model runs and equals the original."""
-    import flurka_rewrite.attention as attention
+    import flurka_rewrite.kernels.attention as attention
 
     def boom(*a, **k):
         raise RuntimeError("kernel exploded")

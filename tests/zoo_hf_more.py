@@ -39,9 +39,9 @@ import torch
 from torch import nn
 import transformers as tf
 
-from zoo_hf import (BATCH, CAUSAL_SKIP_DK, DEC_SEQ, GQA, IMPLS, LAYERS, PAD, SEED, SEQ, VOCAB,
-                    BERT_LIKE, ExpectedSite, ZooEntry, _dec_sites, _enc_sites, _from_config, _ids,
-                    _llama_like, _mask, _seq2seq_inputs, _text_inputs)  # noqa: F401 (re-export)
+from zoo_hf import (BATCH, DEC_SEQ, GQA, IMPLS, LAYERS, SEED, SEQ, VOCAB,
+                    BERT_LIKE, ExpectedSite, ZooEntry, _dec_sites, _enc_sites, _from_config,
+                    _llama_like, _seq2seq_inputs, _text_inputs)
 
 EAGER_ONLY = ("eager",)
 # q/k scale: scores grow by factor**2. With std-0.02 inits a factor of 4-8 still leaves the rows

@@ -25,7 +25,7 @@ import torch
 import torch.fx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "tests"))
-import zoo_hf  # noqa: E402
+import zoo_hf
 
 
 def _err(e: BaseException) -> str:
@@ -34,7 +34,8 @@ def _err(e: BaseException) -> str:
     where = ""
     for fr in traceback.extract_tb(e.__traceback__):
         if "/transformers/" in fr.filename:
-            where = f" @ {fr.filename.split('/transformers/')[-1]}:{fr.lineno} `{(fr.line or '').strip()[:70]}`"
+            src = (fr.line or '').strip()[:70]
+            where = f" @ {fr.filename.split('/transformers/')[-1]}:{fr.lineno} `{src}`"
     return f"{type(e).__name__}: {msg[0][:110] if msg else ''}{where}"
 
 
@@ -81,7 +82,8 @@ def record(model: torch.nn.Module, inputs: dict, paths: list[str]) -> dict[str, 
 
 
 def try_trace(mod: torch.nn.Module, concrete: dict | None = None) -> str:
-    """symbolic_trace a module (optionally with concrete_args): 'ok (n nodes)' or the exact error."""
+    """symbolic_trace a module (optionally with concrete_args): 'ok (n nodes)' or the exact
+    error."""
     try:
         gm = torch.fx.symbolic_trace(mod, concrete_args=concrete)
         return f"ok ({len(gm.graph.nodes)} nodes)"
@@ -92,7 +94,8 @@ def try_trace(mod: torch.nn.Module, concrete: dict | None = None) -> str:
 def _dyn_spec(x: Any, n_set: set[int]) -> Any:
     """Dim.AUTO on every tensor dim whose size is a sequence length; mirrors the input tree."""
     if isinstance(x, torch.Tensor):
-        return {i: torch.export.Dim.AUTO for i, s in enumerate(x.shape) if s in n_set and i > 0} or None
+        dims = {i: torch.export.Dim.AUTO for i, s in enumerate(x.shape) if s in n_set and i > 0}
+        return dims or None
     if isinstance(x, (tuple, list)):
         return type(x)(_dyn_spec(v, n_set) for v in x)
     return None
@@ -185,7 +188,8 @@ def dump_site(model: torch.nn.Module, site, rec: tuple, rec_nc: tuple | None, le
     concrete = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)
                 and k in inspect.signature(mod.forward).parameters}
     if concrete:
-        print(f"  symbolic_trace(attn, concrete_args={sorted(concrete)}): {try_trace(mod, concrete)}")
+        traced = try_trace(mod, concrete)
+        print(f"  symbolic_trace(attn, concrete_args={sorted(concrete)}): {traced}")
     lp = layer_path(site.path)
     print(f"  symbolic_trace(layer {lp} [{type(model.get_submodule(lp)).__name__}]): "
           f"{try_trace(model.get_submodule(lp))}")
@@ -206,7 +210,8 @@ def dump_site(model: torch.nn.Module, site, rec: tuple, rec_nc: tuple | None, le
         for c in sdpa_calls(ep):
             print(f"  {c}")
         outs = [n for n in ep.graph.nodes if n.op == "output"][0].args[0]
-        print(f"  exported outputs: {len(outs)} ({[str(o) if o is None else 'tensor' for o in outs]})")
+        kinds = [str(o) if o is None else 'tensor' for o in outs]
+        print(f"  exported outputs: {len(outs)} ({kinds})")
 
 
 def dump(name: str, impl: str, show_ops: bool, no_pad: bool = False) -> None:

@@ -1,12 +1,22 @@
-"""``RewriteConfig``: the options of ``convert`` / ``plan``, validated once (DESIGN section 5)."""
+"""``RewriteConfig``: the options of ``convert`` / ``plan``, validated once (docs/design.md §5)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from flurka_rewrite.kernels.dispatch import BACKENDS
+from flurka_rewrite.kernels.registry import (
+    AUTO,
+    SOFTMAX,
+    NameView,
+    check_kernel,
+    kernel_choices,
+    num_features_kernels,
+    takes_num_features,
+)
 
-KERNEL_CHOICES = ("performer", "relu", "rnn", "ffk", "softmax", "auto")
+# The registered feature maps, "softmax" and "auto"; recomputed on use (kernels/registry.py).
+KERNEL_CHOICES = NameView(kernel_choices)
 E_INIT_CHOICES = ("pool", "gaussian")
 
 
@@ -14,9 +24,9 @@ E_INIT_CHOICES = ("pool", "gaussian")
 class RewriteConfig:
     """Conversion options. Invalid values raise ``ValueError`` naming the valid ones.
 
-    kernel: feature map, "softmax" (exact or Linformer) or "auto" (cost model).
+    kernel: a registered feature map, "softmax" (exact or Linformer) or "auto" (cost model).
     dk: rank of the sequence projection; None = no low-rank; "auto" = cost model.
-    num_features: m for the performer (None: chosen per site).
+    num_features: m for the maps that take it (performer, ffk; None: chosen per site).
     backend: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
     filter_fn: (module_path, site) -> bool; False leaves that site as it is.
     e_init: initialisation of E, F ("pool" or "gaussian").
@@ -36,10 +46,13 @@ class RewriteConfig:
     max_seq_len: int | None = None
     hoist: bool = True
 
+    @property
+    def exact(self) -> bool:
+        """Exact mode (``kernel="softmax", dk=None``): every output must equal the original's."""
+        return self.kernel == SOFTMAX and self.dk is None
+
     def __post_init__(self) -> None:
-        if self.kernel not in KERNEL_CHOICES:
-            raise ValueError(f"unknown kernel {self.kernel!r}; expected one of "
-                             f"{', '.join(KERNEL_CHOICES)}")
+        check_kernel(self.kernel, auto=True)
         dk = self.dk
         if isinstance(dk, bool) or not (dk is None or dk == "auto" or isinstance(dk, int)):
             raise ValueError(f"dk must be a positive int, None or 'auto'; got {dk!r}")
@@ -48,8 +61,10 @@ class RewriteConfig:
         nf = self.num_features
         if nf is not None and (isinstance(nf, bool) or not isinstance(nf, int) or nf < 1):
             raise ValueError(f"num_features must be a positive int or None; got {nf!r}")
-        if nf is not None and self.kernel not in ("performer", "ffk", "auto"):
-            raise ValueError(f"num_features={nf} applies to kernel='performer' or 'ffk', not "
+        if nf is not None and self.kernel != AUTO and not takes_num_features(self.kernel):
+            which = " or ".join(f"kernel={k!r}" if i == 0 else repr(k)
+                                for i, k in enumerate(num_features_kernels()))
+            raise ValueError(f"num_features={nf} applies to {which}, not "
                              f"kernel={self.kernel!r}; drop num_features or change the kernel")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; expected one of "

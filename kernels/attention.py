@@ -1,0 +1,236 @@
+"""``FlurkaAttention``: the module a rewritten attention site calls.
+
+It owns the new parameters (E, F along the sequence, the feature map's weights or random
+features) and computes, for q (B, H, N, dh) and k, v (B, Hkv, M, d):
+
+    kernel="softmax", dk=None   exact attention (the wiring oracle)
+    kernel="softmax", dk=int    Linformer: softmax over dk down-sampled keys
+    kernel=phi,       dk=None   kernel attention (prefix sums when causal)
+    kernel=phi,       dk=int    FLuRKA: low-rank, then kernel
+
+Hoisted form (docs/design.md §3.3): the rewriter down-samples the *layer input* with ``project_kv``,
+runs the K/V projections on dk rows, and calls ``forward(..., source_len=M)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from flurka_rewrite.kernels.dispatch import BACKENDS, attention_core_dispatch
+from flurka_rewrite.kernels.feature_maps import build_feature_map
+from flurka_rewrite.kernels.registry import SOFTMAX, NameView, check_kernel, kernel_names
+from flurka_rewrite.kernels.reference import (
+    is_exporting,
+    lowrank_bands,
+    lowrank_keep,
+    lowrank_project,
+    softmax_attention,
+)
+
+# The registered feature maps, then "softmax"; recomputed on use (kernels/registry.py).
+KERNELS = NameView(kernel_names)
+E_INITS = ("pool", "gaussian")
+# An additive mask value at or below this counts as "masked" when reducing a mask to the
+# key-padding form (HF uses finfo.min, older BERT code -10000, SDPA users -inf).
+MASKED_BELOW = -1000.0
+
+
+def init_lowrank(dk: int, max_len: int, kind: str, generator: torch.Generator) -> Tensor:
+    """(dk, max_len) sequence projection. "gaussian": N(0, 1/dk). "pool": row r averages the
+    contiguous block [r*L/dk, (r+1)*L/dk) of positions (dk > L: rows repeat positions)."""
+    if kind == "gaussian":
+        return torch.randn(dk, max_len, generator=generator) / math.sqrt(dk)
+    if kind == "pool":
+        E = torch.zeros(dk, max_len)
+        for r in range(dk):
+            lo = (r * max_len) // dk
+            hi = max(lo + 1, ((r + 1) * max_len) // dk)
+            E[r, lo:hi] = 1.0 / (hi - lo)
+        return E
+    raise ValueError(f"unknown e_init {kind!r}; expected one of {', '.join(E_INITS)}")
+
+
+class FlurkaAttention(nn.Module):
+    """FLuRKA attention for one site. See the module docstring for the modes."""
+
+    def __init__(
+        self,
+        *,
+        kernel: str,
+        heads: int,
+        head_dim: int,
+        kv_heads: int | None = None,
+        dk: int | None = None,
+        max_seq_len: int | None = None,
+        num_features: int | None = None,
+        scale: float | None = None,
+        causal: bool = False,
+        dropout: float = 0.0,
+        e_init: str = "pool",
+        seed: int = 0,
+        redraw_interval: int | None = 1000,
+        backend: str = "auto",
+        eps: float = 1e-6,
+        chunk_size: int = 64,
+    ) -> None:
+        super().__init__()
+        kv_heads = kv_heads or heads
+        check_kernel(kernel)
+        if heads % kv_heads:
+            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        if dk is not None:
+            if causal:
+                raise ValueError("dk must be None on a causal site: low-rank projection along "
+                                 "the sequence mixes future tokens into every key")
+            if not isinstance(dk, int) or dk < 1:
+                raise ValueError(f"dk must be a positive int or None; got {dk!r}")
+            if not max_seq_len or max_seq_len < 1:
+                raise ValueError("a low-rank layer (dk set) needs max_seq_len, the longest key "
+                                 "sequence it will see")
+        self.kernel, self.heads, self.kv_heads, self.head_dim = kernel, heads, kv_heads, head_dim
+        self.dk, self.max_seq_len, self.causal = dk, max_seq_len, causal
+        self.scale = float(scale) if scale is not None else head_dim**-0.5
+        self.dropout, self.e_init, self.seed, self.backend = dropout, e_init, seed, backend
+        self.eps, self.chunk_size = eps, chunk_size
+        g = torch.Generator().manual_seed(seed)
+        if dk is not None:
+            self.E = nn.Parameter(init_lowrank(dk, max_seq_len, e_init, g))
+            self.F = nn.Parameter(init_lowrank(dk, max_seq_len, e_init, g))
+            # Fixed support: a pool E stays block-structured while it trains.
+            self.register_buffer("E_support", (self.E.detach() != 0).float(), persistent=True)
+            # A dense (gaussian) E needs no masking: skip the (dk, M_max) product per call.
+            self._dense = bool(self.E_support.all())
+            # Block structure of a pool E: project band by band (same result, fewer FLOPs).
+            self._bands = lowrank_bands(self.E_support)
+        else:
+            self.E = self.F = None
+            self._dense, self._bands = True, None
+        self._keep_cache: dict[tuple[int, torch.device], Tensor | None] = {}
+        self.feature_map = (
+            None if kernel == SOFTMAX else build_feature_map(
+                kernel, head_dim=head_dim, kv_heads=kv_heads, num_features=num_features,
+                scale=self.scale, seed=seed, redraw_interval=redraw_interval)
+        )
+
+    @property
+    def num_features(self) -> int | None:
+        """m, the number of features of the kernel (None for softmax)."""
+        return None if self.feature_map is None else self.feature_map.num_features
+
+    def extra_repr(self) -> str:
+        return (f"kernel={self.kernel}, dk={self.dk}, heads={self.heads}, "
+                f"kv_heads={self.kv_heads}, "
+                f"head_dim={self.head_dim}, m={self.num_features}, causal={self.causal}, "
+                f"max_seq_len={self.max_seq_len}")
+
+    # -- masks ---------------------------------------------------------------------------
+    def key_keep(self, attn_mask: Tensor | None, kv_len: int) -> Tensor | None:
+        """Reduce an SDPA-style mask (bool True=attend, or additive float), broadcastable to
+        (B, H, N, M), to a key-padding mask (B, M) bool, True = real key. Kernel and low-rank
+        attention can represent key padding (and causality) only; a mask that varies across
+        queries in another way raises."""
+        if attn_mask is None:
+            return None
+        keep = attn_mask if attn_mask.dtype == torch.bool else attn_mask > MASKED_BELOW
+        if keep.dim() < 2 or keep.shape[-1] != kv_len:
+            raise ValueError(f"attention mask of shape {tuple(attn_mask.shape)} does not end in "
+                             f"the key length {kv_len}")
+        while keep.dim() < 4:
+            keep = keep[None]
+        keep = keep.all(dim=1)  # (B, N or 1, M): a key masked for one head is masked
+        if self.causal:
+            row = keep[:, -1]  # the last query sees every earlier key: its row is the padding
+        else:
+            row = keep[:, 0]
+            if keep.shape[1] > 1 and not is_exporting() and not torch.equal(
+                    keep, row[:, None].expand_as(keep)):
+                raise ValueError(
+                    "this attention mask varies across queries, which kernel/low-rank attention "
+                    "cannot represent (only key padding and causality); use kernel='softmax', "
+                    "dk=None for this site or exclude it with filter_fn")
+        return row
+
+    # -- hoisted down-sampling -----------------------------------------------------------
+    def _proj(self, which: str) -> Tensor:
+        """E ("k") or F ("v") restricted to its fixed support: (dk, M_max)."""
+        if which not in ("k", "v"):
+            raise ValueError(f"which must be 'k' or 'v'; got {which!r}")
+        P = self.E if which == "k" else self.F
+        if P is None:
+            raise RuntimeError("project_kv needs a low-rank layer (dk set); this one has dk=None")
+        return P if self._dense else P * self.E_support
+
+    def project_kv(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, which: str,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Hoisted K or V projection: E (X W^T + 1 b^T) computed as (E X) W^T + (E 1) b^T.
+
+        x (B, M, dm), weight (out, dm), bias (out,) -> (B, dk, out). Padded rows of X (and of
+        the ones vector) are zeroed first."""
+        P = self._proj(which)
+        ex = lowrank_project(x, P, key_padding_mask, bands=self._bands)  # (B, dk, dm)
+        out = F.linear(ex, weight)
+        if bias is not None:
+            M = x.shape[-2]
+            # E 1 (the row sums of E over the real positions), one (dk, M) product.
+            ones = x.new_ones(x.shape[0], M, 1)
+            e1 = lowrank_project(ones, P, key_padding_mask)  # (B, dk, 1)
+            out = out + e1 * bias
+        return out
+
+    def _lowrank_keep(self, M: int, keep: Tensor | None, batch: int) -> Tensor | None:
+        """``lowrank_keep`` on the fixed support; without padding it depends on M only, so it
+        is cached per (M, device) (a (dk, M) pass per call otherwise)."""
+        if keep is not None or is_exporting():
+            return lowrank_keep(self.E_support, self.E_support, M, keep, batch)
+        key = (M, self.E_support.device)
+        if key not in self._keep_cache:
+            self._keep_cache[key] = lowrank_keep(self.E_support, self.E_support, M, None, 1)
+        rows = self._keep_cache[key]
+        return None if rows is None else rows.expand(batch, -1)
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Tensor | None = None,
+        *,
+        key_padding_mask: Tensor | None = None,
+        source_len: int | None = None,
+    ) -> Tensor:
+        """q (B, H, N, dh), k (B, Hkv, M, dh), v (B, Hkv, M, dv) -> (B, H, N, dv).
+
+        attn_mask: SDPA-style mask; exact mode uses it as is, other modes reduce it to key
+        padding. key_padding_mask: (B, M) bool, True = real token. source_len: set when k, v
+        were already down-sampled by ``project_kv`` from a sequence of that length."""
+        if self.feature_map is not None and self.training:
+            step = getattr(self.feature_map, "step", None)
+            if step is not None:
+                step()
+        M = source_len if source_len is not None else k.shape[-2]
+        if self.kernel == SOFTMAX and self.dk is None:
+            return softmax_attention(
+                q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                causal=self.causal, scale=self.scale,
+                dropout_p=self.dropout if self.training else 0.0)
+        keep = self.key_keep(attn_mask, M)
+        if key_padding_mask is not None:
+            keep = key_padding_mask.bool() if keep is None else keep & key_padding_mask.bool()
+        if self.dk is not None:
+            if source_len is None:
+                k = lowrank_project(k, self._proj("k"), keep, bands=self._bands)
+                v = lowrank_project(v, self._proj("v"), keep, bands=self._bands)
+            # Empty rows (support only on padding or past M) become masked keys.
+            keep = self._lowrank_keep(M, keep, q.shape[0])
+        return attention_core_dispatch(
+            q, k, v, feature_map=self.feature_map, key_padding_mask=keep, causal=self.causal,
+            scale=self.scale, eps=self.eps, chunk_size=self.chunk_size, backend=self.backend)

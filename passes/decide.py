@@ -1,0 +1,88 @@
+"""The decision per legal site: ``filter_fn``, then kernel / dk / num_features from the
+user's options or, for ``"auto"``, the cost model (passes/cost_model.py), and whether the
+low-rank down-sampling is hoisted (``site.can_hoist``).
+
+A site traced on example inputs is priced at its own sizes; a site planned without them
+(passes/static_plan.py) at N = M = ``max_seq_len`` with batch 1, and gets no FLOPs-after.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from flurka_rewrite.kernels.registry import AUTO, SOFTMAX, auto_candidates
+
+from . import cost_model
+from .choose import choose
+from .config import RewriteConfig
+from .site import Site, can_hoist
+
+CAUSAL_NOTE = "causal: kernel-only attention (prefix sums), dk not applied"
+
+
+def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig) -> None:
+    """filter_fn, then kernel / dk / num_features / hoisted per legal site."""
+    mpe = int(getattr(getattr(model, "config", None), "max_position_embeddings", None) or 0)
+    for s in sites:
+        if s.seq_len is not None:
+            _flops_before(s)
+        if not s.ok:
+            continue
+        if cfg.filter_fn is not None and not cfg.filter_fn(s.module_path, s):
+            s.skip("excluded by filter_fn")
+            continue
+        dk = cfg.dk
+        if s.causal and dk is not None:
+            s.notes_for_report.append(CAUSAL_NOTE)
+            dk = None
+        traced = s.kv_seq_len is not None
+        s.max_seq_len = cfg.max_seq_len or (max(s.kv_seq_len, mpe) if traced else mpe or None)
+        if isinstance(dk, int) and s.max_seq_len is not None and dk > s.max_seq_len:
+            s.skip(f"dk={dk} is larger than the longest key sequence {s.max_seq_len} "
+                   "(max_seq_len); use a smaller dk or dk=None")
+            continue
+        if traced:
+            M = s.kv_seq_len if not isinstance(dk, int) else max(s.kv_seq_len, dk)
+            N, B, at = (s.seq_len if s.seq_len != s.kv_seq_len else M), s.batch, ""
+        else:
+            N = M = s.max_seq_len
+            B, at = 1, f" (at N = M = max_seq_len = {N})"
+        structure = can_hoist(s, cfg.hoist)
+        hoistable = traced and structure  # priced hoisted (static sites get no FLOPs)
+        try:
+            if N is None:
+                raise ValueError("sequence length unknown without example inputs or max_seq_len")
+            ch = choose(
+                kernel=cfg.kernel, dk=dk, num_features=cfg.num_features, B=B, N=N, M=M,
+                H=s.heads, Hkv=s.kv_heads, dh=s.head_dim, dm=s.dm, causal=s.causal,
+                hoistable=hoistable, padding_mask="padding" in s.mask_kind)
+            s.kernel, s.dk, s.num_features = ch.kernel, ch.dk, ch.num_features
+            s.flops_after = ch.flops if traced else None
+            if cfg.kernel == AUTO or dk == AUTO:
+                s.notes_for_report.append(ch.reason + at)
+            if traced and M != s.kv_seq_len:
+                s.notes_for_report.append(f"FLOPs at key length {M} (dk > example length)")
+        except (ValueError, TypeError) as e:
+            s.kernel = auto_candidates(pretrained=True)[0] if cfg.kernel == AUTO else cfg.kernel
+            s.dk = dk if isinstance(dk, int) else None
+            s.num_features = cfg.num_features
+            s.notes_for_report.append(f"no FLOP estimate: {e}")
+        s.hoisted = s.dk is not None and structure
+        _dropout_note(s)
+
+
+def _dropout_note(s: Site) -> None:
+    """FlurkaAttention applies dropout only in exact mode (softmax, no dk)."""
+    if s.dropout_p > 0 and not (s.kernel == SOFTMAX and s.dk is None):
+        s.notes_for_report.append(
+            f"attention dropout p={s.dropout_p:g} not applied: kernel / low-rank attention has "
+            "no attention weights (exact mode only)")
+
+
+def _flops_before(s: Site) -> None:
+    try:
+        s.flops_before = cost_model.site_flops(
+            kernel=SOFTMAX, dk=None, B=s.batch, N=s.seq_len, M=s.kv_seq_len, H=s.heads,
+            Hkv=s.kv_heads, dh=s.head_dim, dm=s.dm, causal=s.causal,
+            padding_mask="padding" in s.mask_kind)
+    except (ValueError, TypeError):
+        s.flops_before = None
