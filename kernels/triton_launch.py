@@ -11,11 +11,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_causal import (
+from .triton_causal import flurka_causal_fwd_kernel
+from .triton_causal_bwd import (
     flurka_causal_bwd_k_kernel,
     flurka_causal_bwd_q_kernel,
     flurka_causal_bwd_v_kernel,
-    flurka_causal_fwd_kernel,
 )
 from .triton_kernels import (
     FMAP_PERFORMER,

@@ -1,19 +1,20 @@
 """FLuRKA attention core on Triton: custom ops, autograd, and the public entry point.
 
-Layering (docs/style.md §7): kernels (``triton_kernels``, ``triton_causal``) -> launchers
-(``triton_launch``) -> ``torch.library`` custom ops ``flurka_rewrite::flurka_core_fwd`` /
-``flurka_core_bwd`` (with fake implementations, so ``torch.compile`` and ``torch.export`` see
-one opaque node) -> one ``torch.autograd.Function`` per kernel family (non-causal, causal) ->
-``triton_attention_core``, which ``dispatch.attention_core_dispatch`` calls and which returns
-what ``reference.attention_core`` returns.
+Layering (docs/style.md §7): kernels (``triton_kernels``, ``triton_causal``,
+``triton_causal_bwd``) -> launchers (``triton_launch``) -> ``torch.library`` custom ops
+``flurka_rewrite::flurka_core_fwd`` / ``flurka_core_bwd`` (with fake implementations, so
+``torch.compile`` and ``torch.export`` see one opaque node) -> one ``torch.autograd.Function``
+per kernel family (non-causal, causal) -> ``triton_attention_core``, which
+``dispatch.attention_core_dispatch`` calls and which returns what ``reference.attention_core``
+returns.
 
 Feature maps: a map whose class declares a ``triton_code`` (performer, relu, rnn) is computed
 inside the kernels (phi(Q) is never stored). A map without one (``triton_code = None``: ffk,
 whose weights are trainable, or a newly registered map) has its phi(q), phi(k) computed by the
 module in PyTorch, and the fused core then runs with the identity map, so autograd reaches
 its weights.
-Causal forward and backward: the Triton chunked prefix-sum kernels (``triton_causal``;
-memory O(N/C * m * dv), never N x N).
+Causal forward and backward: the Triton chunked prefix-sum kernels (``triton_causal``,
+``triton_causal_bwd``; memory O(N/C * m * dv), never N x N).
 """
 from __future__ import annotations
 

@@ -51,7 +51,6 @@ from .atomic import atomic_write, write_bytes
 CATEGORIES = ("gemm", "elem", "exp", "sdpa")
 ENV_OPT_IN = "FLURKA_CALIBRATION"  # "1" = the cached file, or a path
 ENV_CACHE = "FLURKA_CALIBRATION_CACHE"  # where ``calibrate`` writes and "1" reads
-ROWS_PER_BAND = 32  # kernels.reference.lowrank_bands' default
 
 
 def default_path() -> Path:
@@ -70,31 +69,20 @@ def _exp_elements(kernel: str, dh: int, m: int, q_rows: int, k_rows: int, *, gro
             + cls.flops(k_rows, dh, m, is_query=False, causal=causal, groups=groups).exp)
 
 
-def _downsample_rows(dk: int, e_init: str) -> float:
-    """Rows of E per position that ``lowrank_project`` really multiplies. A pool E is applied
-    in bands of 32 rows, each over the columns its rows cover (a band of r rows covers r/dk of
-    the positions): sum_b r_b^2 / dk rows per position, 32 when 32 divides dk. lowrank_bands
-    keeps the bands only when they at least halve the work (dk >= 64); otherwise, and for a
-    gaussian E, all dk rows."""
-    full, rem = divmod(dk, ROWS_PER_BAND)
-    banded = (full * ROWS_PER_BAND**2 + rem**2) / dk
-    return banded if e_init == "pool" and 2 * banded <= dk else float(dk)
-
-
 def work_breakdown(
     *, kernel: str, dk: int | None, B: int, N: int, M: int, H: int, Hkv: int, dh: int,
     dm: int | None = None, num_features: int | None = None, causal: bool = False,
     hoisted: bool = False, projections: bool = True, bias: bool = True,
-    padding_mask: bool = False, e_init: str = "pool",
+    padding_mask: bool = False, e_init: str = "pool", max_seq_len: int | None = None,
 ) -> dict[str, float]:
     """The site's work per category (CATEGORIES), from ``cost_model.site_flops`` (same
     arguments). Exps of the causal performer's chunk scales are left in ``elem``."""
     args = dict(B=B, H=H, Hkv=Hkv, dh=dh, causal=causal, padding_mask=padding_mask)
-    total = cost_model.site_flops(kernel=kernel, dk=dk, N=N, M=M, dm=dm, num_features=num_features,
-                                  hoisted=hoisted, projections=projections, bias=bias, **args)
-    gemm = cost_model.site_flops(kernel=kernel, dk=dk, N=N, M=M, dm=dm, num_features=num_features,
-                                 hoisted=hoisted, projections=projections, bias=bias,
-                                 gemm_only=True, **args)
+    site = dict(kernel=kernel, dk=dk, N=N, M=M, dm=dm, num_features=num_features,
+                hoisted=hoisted, projections=projections, bias=bias, e_init=e_init,
+                max_seq_len=max_seq_len, **args)  # a pool E counted banded, as it runs
+    total = cost_model.site_flops(**site)
+    gemm = cost_model.site_flops(**site, gemm_only=True)
     K = M if dk is None else dk  # keys the core sees
     core_args = dict(kernel=kernel, dk=None, N=N, M=K, num_features=num_features,
                      projections=False, **{**args, "padding_mask": False})
@@ -104,11 +92,6 @@ def work_breakdown(
     if kernel == SOFTMAX:
         work["sdpa"] = float(core)
         gemm, total = gemm - core_gemm, total - core
-    if dk is not None:  # down-sampling of X (hoisted) or of K, V: dense count -> executed rows
-        width = dm if hoisted else Hkv * dh
-        per_row = 2 * (2 * B * M * width)  # E and F, 2 FLOPs per multiply-add
-        saved = per_row * (dk - _downsample_rows(dk, e_init))
-        gemm, total = gemm - saved, total - saved
     if kernel != SOFTMAX:
         m = cost_model.features_used(kernel, dh, num_features)
         work["exp"] = float(_exp_elements(kernel, dh, m, B * H * N, B * Hkv * K, groups=B * Hkv,

@@ -6,10 +6,29 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from flurka_rewrite.kernels.registry import AUTO, SOFTMAX, auto_candidates, check_kernel
 
 from .cost_model import check_sizes, features_used, method_of, site_flops
+
+def _cheapest(cost: Callable[[int], int], floor: Callable[[int], int], lo: int, hi: int
+              ) -> int:
+    """The d in [lo, hi] of least ``cost`` (ties: the smaller d), given ``floor`` <= cost,
+    affine in d. cost is affine too except for a pool E's banded products, so the minimum is
+    at an end or within the few d next to it whose floor is below the best cost seen: scan
+    from the cheaper end while the floor could still win."""
+    best_d = min((lo, hi), key=lambda d: (cost(d), d))
+    best = cost(best_d)
+    step = 1 if floor(hi) >= floor(lo) else -1  # the floor rises away from this end
+    for d in range(lo, hi + 1) if step == 1 else range(hi, lo - 1, -1):
+        if floor(d) > best:
+            break
+        c = cost(d)
+        if c < best or (c == best and d < best_d):
+            best, best_d = c, d
+    return best_d
+
 
 def _env_calibration() -> object | None:
     """The calibration FLURKA_CALIBRATION opts into, or None when the variable is unset: the
@@ -67,7 +86,7 @@ def choose(
     *, kernel: str, dk: int | str | None, num_features: int | None, B: int, N: int, M: int,
     H: int, Hkv: int, dh: int, dm: int | None, causal: bool, hoistable: bool,
     min_dk: int = 64, pretrained: bool = True, padding_mask: bool = False,
-    calibration: object | None = None,
+    calibration: object | None = None, e_init: str = "pool", max_seq_len: int | None = None,
 ) -> Choice:
     """Resolve ``"auto"`` for ``kernel`` and/or ``dk`` at one site (docs/design.md §4).
 
@@ -78,7 +97,8 @@ def choose(
     (``pretrained=True``: performer is the kernel that approximates a pretrained softmax model
     without training), or performer, relu, rnn and full softmax (``pretrained=False``), ties
     going to the earlier one. FLOPs: ``site_flops`` with projections when dm is known,
-    hoisted when ``hoistable`` and low-rank; ``padding_mask``: the site has key padding. The
+    hoisted when ``hoistable`` and low-rank; ``padding_mask``: the site has key padding;
+    ``e_init`` / ``max_seq_len``: E's initialisation and width (a pool E runs banded). The
     reason string is shown in the report.
 
     ``calibration`` (a ``passes.calibration.Calibration``; default: the one the environment
@@ -109,22 +129,34 @@ def choose(
         return site_flops(
             kernel=k, dk=d, B=B, N=N, M=M, H=H, Hkv=Hkv, dh=dh, dm=dm,
             num_features=features_used(k, dh, num_features), causal=causal, hoisted=hoist(d),
-            projections=dm is not None, padding_mask=padding_mask)
+            projections=dm is not None, padding_mask=padding_mask, e_init=e_init,
+            max_seq_len=max_seq_len)
 
-    def dk_options() -> list[int | None]:
+    def floor(k: str, d: int) -> int:
+        """cost(k, d) without E's down-sampling products, which a pool E runs banded (not
+        affine in d): a lower bound of cost(k, d) that is affine in d."""
+        dense = site_flops(
+            kernel=k, dk=d, B=B, N=N, M=M, H=H, Hkv=Hkv, dh=dh, dm=dm,
+            num_features=features_used(k, dh, num_features), causal=causal, hoisted=hoist(d),
+            projections=dm is not None, padding_mask=padding_mask, e_init="gaussian")
+        return dense - 4 * B * (dm if hoist(d) else Hkv * dh) * d * M
+
+    def dk_options(k: str) -> list[int | None]:
         if causal or dk is None:
             return [None]
         if isinstance(dk, int):
             return [dk]
         if M // 2 < min_dk:
             return [None]
-        return [None, min_dk, M // 2]  # cost is affine in dk: its minimum is at an end
+        ends = [min_dk, M // 2]
+        best = _cheapest(lambda d: cost(k, d), lambda d: floor(k, d), min_dk, M // 2)
+        return [None, *ends, *([best] if best not in ends else [])]
 
     if kernel == AUTO:
         pool = auto_candidates(pretrained)
-        configs = [(k, d) for k in pool for d in ([None] if k == SOFTMAX else dk_options())]
+        configs = [(k, d) for k in pool for d in ([None] if k == SOFTMAX else dk_options(k))]
     else:
-        configs = [(kernel, d) for d in dk_options()]
+        configs = [(kernel, d) for d in dk_options(kernel)]
     flop_costs = [cost(k, d) for k, d in configs]
     if calibration is None and len(configs) > 1:
         calibration = _env_calibration()
@@ -134,7 +166,8 @@ def choose(
         return calibration.site_seconds(
             kernel=k, dk=d, B=B, N=N, M=M, H=H, Hkv=Hkv, dh=dh, dm=dm,
             num_features=features_used(k, dh, num_features), causal=causal, hoisted=hoist(d),
-            projections=dm is not None, padding_mask=padding_mask)
+            projections=dm is not None, padding_mask=padding_mask, e_init=e_init,
+            max_seq_len=max_seq_len)
 
     costs = [seconds(k, d) for k, d in configs] if calibrated else flop_costs
     best = min(range(len(configs)), key=lambda i: (costs[i], i))  # ties: earlier wins

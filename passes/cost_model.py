@@ -101,11 +101,38 @@ def check_sizes(**sizes: int | None) -> None:
             raise ValueError(f"{name} must be a positive int; got {val!r}")
 
 
+ROWS_PER_BAND = 32  # kernels.reference.lowrank_bands' default
+
+
+def lowrank_pairs(dk: int, M: int, max_seq_len: int | None = None, e_init: str = "pool") -> int:
+    """(row, column) pairs of E[:, :M] that ``lowrank_project`` multiplies: dk * M for a dense
+    (gaussian) E; for a ``pool`` E of width ``max_seq_len`` (default M), whose row r averages
+    positions [r L / dk, (r + 1) L / dk), the product runs band by band (``lowrank_bands``:
+    32 rows each, over the columns they cover, clipped to M) whenever that at least halves the
+    work on the full width; otherwise dense."""
+    L = max_seq_len or M
+    if e_init != "pool":
+        return dk * M
+
+    def lo(r: int) -> int:
+        return (r * L) // dk
+
+    def hi(r: int) -> int:
+        return max(lo(r) + 1, ((r + 1) * L) // dk)
+
+    bands = [(r0, min(dk, r0 + ROWS_PER_BAND)) for r0 in range(0, dk, ROWS_PER_BAND)]
+    full = sum((r1 - r0) * (hi(r1 - 1) - lo(r0)) for r0, r1 in bands)
+    if 2 * full > dk * L:  # init_lowrank / lowrank_bands keep the dense product
+        return dk * M
+    return sum((r1 - r0) * max(0, min(hi(r1 - 1), M) - lo(r0)) for r0, r1 in bands)
+
+
 def site_flops(
     *, kernel: str, dk: int | None, B: int, N: int, M: int, H: int, Hkv: int, dh: int,
     dm: int | None = None, num_features: int | None = None, causal: bool = False,
     hoisted: bool = False, projections: bool = True, gemm_only: bool = False,
     bias: bool = True, padding_mask: bool = False, chunk_size: int = 64,
+    e_init: str = "pool", max_seq_len: int | None = None,
 ) -> int:
     """FLOPs of one attention site as the reference (``FlurkaAttention``) computes it.
 
@@ -115,6 +142,8 @@ def site_flops(
     and never counted). ``hoisted`` (low-rank only): down-sample X before the projections,
     (E X) W^T + (E 1) b^T; needs dm. ``bias``: the K/V projections carry a bias.
     ``padding_mask``: a key-padding mask is applied. ``chunk_size``: causal kernel chunk C.
+    ``e_init`` / ``max_seq_len``: how E was initialised and its width; a ``pool`` E runs banded
+    (``lowrank_pairs``), so only its non-zero blocks are counted.
     ``gemm_only``: only what ``FlopCounterMode`` counts (see the module docstring).
     """
     method = method_of(kernel, dk)
@@ -139,12 +168,13 @@ def site_flops(
 
     # -- K and V: projections and low-rank down-sampling (2 = one for K, one for V) ----------
     # (padded rows are zeroed by torch.where: a selection, free)
+    pairs_e = 0 if dk is None else lowrank_pairs(dk, M, max_seq_len, e_init)  # E[:, :M] work
     if hoisted:  # FlurkaAttention.project_kv, once for K and once for V
-        t.gemm += 2 * (2 * B * dk * M * dm)  # E[:, :M] @ X: (dk, M) @ (B, M, dm)
+        t.gemm += 2 * (2 * B * pairs_e * dm)  # E[:, :M] @ X: (dk, M) @ (B, M, dm)
         if projections:
             t.gemm += 2 * (2 * B * dk * dm * width)  # F.linear(E X, W): (B, dk, dm) @ (dm, out)
             if bias:
-                t.gemm += 2 * (2 * B * dk * M)  # E 1: (dk, M) @ (B, M, 1)
+                t.gemm += 2 * (2 * B * dk * M)  # E 1: (dk, M) @ (B, M, 1), not banded
                 t.elem += 2 * (2 * B * dk * width)  # (E 1) * b, then the add
     else:
         if projections and dm is not None:
@@ -152,7 +182,7 @@ def site_flops(
             if bias:
                 t.elem += 2 * B * M * width  # the bias add inside addmm
         if dk is not None:
-            t.gemm += 2 * (2 * B * Hkv * dk * M * dh)  # E[:, :M] @ K: (dk, M) @ (B, Hkv, M, dh)
+            t.gemm += 2 * (2 * B * Hkv * pairs_e * dh)  # E[:, :M] @ K: (dk, M) @ (B, Hkv, M, dh)
     if dk is not None and padding_mask:
         t.gemm += 2 * B * M * dk  # lowrank_keep: padding (B, M) @ support^T (M, dk)
     K = M if dk is None else dk  # keys the attention core sees

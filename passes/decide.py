@@ -54,7 +54,8 @@ def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig) -> None:
             ch = choose(
                 kernel=cfg.kernel, dk=dk, num_features=cfg.num_features, B=B, N=N, M=M,
                 H=s.heads, Hkv=s.kv_heads, dh=s.head_dim, dm=s.dm, causal=s.causal,
-                hoistable=hoistable, padding_mask="padding" in s.mask_kind)
+                hoistable=hoistable, padding_mask="padding" in s.mask_kind, e_init=cfg.e_init,
+                max_seq_len=s.max_seq_len)
             s.kernel, s.dk, s.num_features = ch.kernel, ch.dk, ch.num_features
             s.flops_after = ch.flops if traced else None
             if cfg.kernel == AUTO or dk == AUTO:

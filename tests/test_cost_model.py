@@ -210,13 +210,15 @@ def _claim1_grid(standard: bool):
 @pytest.mark.parametrize("kernel", ["performer", "relu", "rnn", "ffk"])
 def test_claim1_closed_forms(kernel):
     """FLOPs(low-rank, hoisted) - FLOPs(flurka, hoisted) and FLOPs(kernel) - FLOPs(flurka,
-    hoisted) equal the closed forms of docs/cost_model.md at every grid point."""
+    hoisted) equal the closed forms of docs/cost_model.md at every grid point. The closed
+    forms are the paper's, for a dense E (gaussian); a pool E runs banded and is checked
+    against FlopCounterMode in test_banded_pool_E_is_counted_as_it_runs."""
     pts = list(_claim1_grid(True)) + list(_claim1_grid(False))
     assert len(pts) > 40
     for p in pts:
         dh, H, dm, dk, N = p["dh"], p["H"], p["dm"], p["dk"], p["N"]
         m = default_num_features(kernel, dh)
-        g = dict(B=1, N=N, M=N, H=H, Hkv=H, dh=dh, dm=dm)
+        g = dict(B=1, N=N, M=N, H=H, Hkv=H, dh=dh, dm=dm, e_init="gaussian")
         flurka = site_flops(kernel=kernel, dk=dk, hoisted=True, **g)
         c_q, c_k, c_g = _per_row(kernel, dh, m)
         d_lr = H * N * (4 * dk * dh + 5 * dk + dh - c_q) - H * (dk * c_k + c_g)
@@ -244,9 +246,11 @@ def test_claim1_region(kernel):
 
 
 def test_claim1_fails_when_projection_narrower_than_dk():
-    """dm free of H*dh: with Hkv*dh < dk, down-sampling X (dk*N*dm) costs more than the
-    projection rows it saves, and the kernel method is cheaper (docs: 'free' grid)."""
-    g = dict(B=1, N=16384, M=16384, H=2, Hkv=2, dh=32, dm=256)  # Hkv*dh = 64 < dk = 96
+    """dm free of H*dh: with Hkv*dh < dk, down-sampling X with a dense E (dk*N*dm) costs more
+    than the projection rows it saves, and the kernel method is cheaper (docs: 'free' grid).
+    A pool E down-samples banded (about 32*N*dm), which is why it is not the case there."""
+    g = dict(B=1, N=16384, M=16384, H=2, Hkv=2, dh=32, dm=256,  # Hkv*dh = 64 < dk = 96
+             e_init="gaussian")
     assert 16384 > 96 * (2 + 2) > 256 > 96 > 32  # inside the claimed region
     for kernel in ("relu", "rnn", "performer"):
         assert site_flops(kernel=kernel, dk=96, hoisted=True, **g) > site_flops(
@@ -328,3 +332,37 @@ def test_method_of_and_defaults():
     assert default_num_features("performer", 64) == 272  # 64 ln 64 = 266.2 -> multiple of 16
     assert default_num_features("relu", 48) == 48 and default_num_features("softmax", 48) is None
     assert isinstance(choose(kernel="rnn", dk=None, N=64, M=64, causal=False, **SITE), Choice)
+
+
+@pytest.mark.parametrize("e_init", ["pool", "gaussian"])
+@pytest.mark.parametrize("hoisted", [False, True], ids=["unhoisted", "hoisted"])
+@pytest.mark.parametrize("M", [256, 200], ids=["M=Mmax", "M<Mmax"])
+def test_banded_pool_E_is_counted_as_it_runs(e_init, hoisted, M):
+    """A pool E with dk >= 64 runs band by band (kernels/reference.py lowrank_bands), so the
+    report must count only its non-zero blocks. Oracle: FlopCounterMode on the real module,
+    with E of width 256 and keys of length M (the banded product is clipped to M)."""
+    B, H, dh, dk, dm, L, m = 1, 2, 16, 64, 24, 256, 32
+    attn = FlurkaAttention(kernel="performer", heads=H, head_dim=dh, dk=dk, max_seq_len=L,
+                           num_features=m, e_init=e_init, backend="torch").eval()
+    if e_init == "pool":
+        assert attn._bands is not None  # the case under test: E runs banded
+    k_lin, v_lin = nn.Linear(dm, H * dh), nn.Linear(dm, H * dh)
+    x, q = torch.randn(B, M, dm), torch.randn(B, H, M, dh)
+    mode = flop_counter()
+    with torch.no_grad(), mode:
+        if hoisted:
+            k, v = (attn.project_kv(x, lin.weight, lin.bias, w) for lin, w in
+                    ((k_lin, "k"), (v_lin, "v")))
+        else:
+            k, v = k_lin(x), v_lin(x)
+        n = k.shape[1]
+        k, v = (t.view(B, n, H, dh).transpose(1, 2) for t in (k, v))
+        attn(q, k, v, source_len=M if hoisted else None)
+    predicted = site_flops(kernel="performer", dk=dk, B=B, N=M, M=M, H=H, Hkv=H, dh=dh, dm=dm,
+                           num_features=m, hoisted=hoisted, gemm_only=True, e_init=e_init,
+                           max_seq_len=L)
+    assert predicted == mode.get_total_flops()
+    dense = site_flops(kernel="performer", dk=dk, B=B, N=M, M=M, H=H, Hkv=H, dh=dh, dm=dm,
+                       num_features=m, hoisted=hoisted, gemm_only=True, e_init="gaussian",
+                       max_seq_len=L)
+    assert (predicted < dense) == (e_init == "pool")
