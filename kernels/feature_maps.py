@@ -182,51 +182,49 @@ def default_performer_features(head_dim: int) -> int:
     return max(32, int(math.ceil(m / 16) * 16))
 
 
-@register_feature_map("relu")
-class ReluFeatures(FeatureMap):
-    """phi(x) = relu(x) + 1e-3 (the FLuRKA authors' 'generalized' kernel), m = dh."""
+class ElementwiseFeatureMap(FeatureMap):
+    """A map applied element by element: no weights, m = dh, ``num_features`` not taken.
+    Subclasses declare the other facts (``auto_role``, ``triton_code``, ``flops``) and
+    ``forward``."""
 
     takes_num_features = False
-    auto_role = "trainable"
-    triton_code = 1
 
     @classmethod
     def default_num_features(cls, head_dim: int) -> int:
         return head_dim
+
+    def __init__(self, head_dim: int, **_: object) -> None:
+        super().__init__()
+        self.num_features = self.default_num_features(head_dim)
+
+
+@register_feature_map("relu")
+class ReluFeatures(ElementwiseFeatureMap):
+    """phi(x) = relu(x) + 1e-3 (the FLuRKA authors' 'generalized' kernel), m = dh."""
+
+    auto_role = "trainable"
+    triton_code = 1
 
     @classmethod
     def flops(cls, rows: int, dh: int, m: int, *, is_query: bool, causal: bool = False,
               groups: int = 1) -> MapFlops:
         return MapFlops(0, 2 * rows * dh, 0)  # relu(x) + 1e-3
 
-    def __init__(self, head_dim: int, **_: object) -> None:
-        super().__init__()
-        self.num_features = self.default_num_features(head_dim)
-
     def forward(self, x: Tensor, *, is_query: bool, key_mask: Tensor | None = None) -> Tensor:
         return F.relu(x.float()) + 1e-3
 
 
 @register_feature_map("rnn")
-class EluFeatures(FeatureMap):
+class EluFeatures(ElementwiseFeatureMap):
     """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020, 'Transformers are RNNs'), m = dh."""
 
-    takes_num_features = False
     auto_role = "trainable"
     triton_code = 2
-
-    @classmethod
-    def default_num_features(cls, head_dim: int) -> int:
-        return head_dim
 
     @classmethod
     def flops(cls, rows: int, dh: int, m: int, *, is_query: bool, causal: bool = False,
               groups: int = 1) -> MapFlops:
         return MapFlops(0, 2 * rows * dh, rows * dh)  # elu(x) + 1; the elu is exp-like
-
-    def __init__(self, head_dim: int, **_: object) -> None:
-        super().__init__()
-        self.num_features = self.default_num_features(head_dim)
 
     def forward(self, x: Tensor, *, is_query: bool, key_mask: Tensor | None = None) -> Tensor:
         return F.elu(x.float()) + 1.0
