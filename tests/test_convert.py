@@ -198,3 +198,32 @@ def test_convert_warns_when_every_site_is_skipped() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", fr.AllSitesSkippedWarning)
         fr.convert(case.model, kernel="rnn", dk=64, max_seq_len=128, example_inputs=case.inputs)
+
+
+@pytest.mark.parametrize("with_inputs", [True, False], ids=["traced", "static"])
+def test_plan_and_convert_agree_on_mha_hoisting(with_inputs: bool) -> None:
+    """nn.MultiheadAttention sites: the report of plan() and of convert() say the same about
+    hoisting (one rule, passes/site.py can_hoist), and it is what the installed module does,
+    with example inputs and without them (planned by symbolic_trace)."""
+    torch.manual_seed(0)
+
+    class TwoMHA(torch.nn.Module):  # symbolic_trace keeps each MHA a leaf call
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.b = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.a(x, x, x, need_weights=False)[0]
+            return x + self.b(x, x, x, need_weights=False)[0]
+
+    model = TwoMHA().eval()
+    opts = dict(kernel="relu", dk=4, max_seq_len=12)
+    if with_inputs:
+        opts["example_inputs"] = (torch.randn(2, 12, 16),)
+    planned = fr.plan(model, **opts)
+    new = fr.convert(model, **opts)
+    hoisted = [s.hoisted for s in new.flurka_report.sites]
+    assert [s.hoisted for s in planned.sites] == hoisted == [True, True]
+    wrappers = [m for m in new.modules() if type(m).__name__ == "FlurkaMultiheadAttention"]
+    assert [w.hoist for w in wrappers] == hoisted
