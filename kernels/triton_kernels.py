@@ -10,6 +10,10 @@ declares (``registry.triton_codes()``), named here by module-level constexprs:
 All sums are fp32. Dot operands are cast to ``DT``, the input dtype (bf16/fp16: tensor cores,
 fp32 accumulation; fp32 inputs: ``PREC`` = "ieee", exact fp32 products); under the CPU
 interpreter bf16 dots are computed in fp32 (its bf16 dot is wrong, Triton 3.6 + numpy).
+Masks of tl.load / tl.store are block comparisons combined with ``&`` only, never with a
+scalar condition such as ``pid == 0`` (branch on that with ``if`` instead): Triton 3.9's
+interpreter gives ``block_bool & (scalar == 0)`` int32 data and refuses it as a mask
+("mask has unsupported dtype"); 3.6 kept it bool.
 
 Kernels:
   flurka_state_kernel   S = sum_r phi(x_r)^T (a_r y_r), z = sum_r b_r phi(x_r), per chunk of rows
@@ -248,8 +252,8 @@ def flurka_rows_fwd_kernel(
         out = acc * (mfac * a)[:, None]
         tl.store(out_ptr + row[:, None] * dv + offs_v[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=valid[:, None] & vmask[None, :])
-    else:
-        tl.store(c_ptr + row, c_run, mask=valid & (pid_v == 0))
+    elif pid_v == 0:  # MODE 2; a bool block mask only (module docstring: masks)
+        tl.store(c_ptr + row, c_run, mask=valid)
 
 
 @triton.autotune(configs=rows_bwd_configs(), key=["dh", "dv", "m"],

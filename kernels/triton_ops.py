@@ -15,13 +15,20 @@ module in PyTorch, and the fused core then runs with the identity map, so autogr
 its weights.
 Causal forward and backward: the Triton chunked prefix-sum kernels (``triton_causal``,
 ``triton_causal_bwd``; memory O(N/C * m * dv), never N x N).
+CPU tensors: under TRITON_INTERPRET=1 the ops interpret the kernels; otherwise their CPU
+implementation is the PyTorch reference (``cpu_runs_triton``), so a compiled or exported graph
+holding the ops runs on a CPU too (``tests/test_triton_compile.py``: ``torch.compile`` with
+``fullgraph=True``, no graph break).
+A key-padding mask shared by the batch ((1, M), from a (1, 1, N, M) attention mask) is
+expanded to (B, M) (``broadcast_key_mask``), as the reference broadcasts it.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .feature_maps import FEATURE_MAPS, FeatureMap
+from .feature_maps import FEATURE_MAPS, FeatureMap, PerformerFeatures
+from .reference import attention_core
 from .registry import TRITON_IDENTITY
 from .triton_kernels import FMAP_ELU, FMAP_PERFORMER, FMAP_RELU
 from .triton_launch import (
@@ -31,6 +38,7 @@ from .triton_launch import (
     core_forward,
     noncausal_backward,
 )
+from .triton_tuning import interpreting
 
 _NO_FACTS = object()
 # The registry's codes the kernels have a branch for (triton_kernels._phi / _dphi).
@@ -49,15 +57,21 @@ def flurka_core_fwd(
 
 @flurka_core_fwd.register_fake
 def _(q, k, v, w, mask, fmap, scale, causal, eps):
+    return tuple(q.new_empty(shape, dtype=dtype)
+                 for shape, dtype in _forward_shapes(q, k, v, w, fmap, causal))
+
+
+def _forward_shapes(q, k, v, w, fmap, causal):
+    """(shape, dtype) of each output of flurka_core_fwd: out (B, H, N, dv) in q's dtype, then
+    c_q, den (BH, G*N), c_k (BH, M), S (BH, NC, m, dv), z (BH, NC, m) in fp32."""
     B, H, N, dh = q.shape
     Hkv, M, dv = k.shape[1], k.shape[2], v.shape[-1]
     BH, R = B * Hkv, (H // Hkv) * N
     m = w.shape[0] if fmap == PERFORMER else dh
     nc = (N + causal_chunk() - 1) // causal_chunk() if causal else 1
     f32 = torch.float32
-    return (q.new_empty(B, H, N, dv), q.new_empty(BH, R, dtype=f32), q.new_empty(BH, R, dtype=f32),
-            q.new_empty(BH, M, dtype=f32), q.new_empty(BH, nc, m, dv, dtype=f32),
-            q.new_empty(BH, nc, m, dtype=f32))
+    return [((B, H, N, dv), q.dtype), ((BH, R), f32), ((BH, R), f32), ((BH, M), f32),
+            ((BH, nc, m, dv), f32), ((BH, nc, m), f32)]
 
 
 @torch.library.custom_op("flurka_rewrite::flurka_core_bwd", mutates_args=())
@@ -78,40 +92,123 @@ def _(dout, q, k, v, w, mask, out, cq, den, ck, S, z, fmap, scale, causal, eps):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+# -- CPU implementation ---------------------------------------------------------------------
+# CPU tensors run the Triton kernels under the interpreter (TRITON_INTERPRET=1: the tests of
+# the kernels); otherwise the ops compute the same result with the PyTorch reference, so a
+# graph holding them (torch.compile, torch.export) also runs on a CPU. The reference fills
+# only ``out``: the other outputs are the kernels' saved state, which its backward does not
+# read (it differentiates the reference again), and are returned as zeros of their shapes.
+def cpu_runs_triton() -> bool:
+    """True when the ops run the Triton kernels (interpreted) on CPU tensors."""
+    return interpreting()
+
+
+class _IdentityMap(torch.nn.Module):
+    """phi(x) = x: the kernels' FMAP_IDENTITY (phi already applied by the caller)."""
+
+    def forward(self, x: Tensor, *, is_query: bool, key_mask: Tensor | None = None) -> Tensor:
+        return x.float()
+
+    def causal_key_features(self, x: Tensor, key_mask: Tensor | None = None):
+        return x.float(), None
+
+
+class _GivenPerformer(PerformerFeatures):
+    """The performer map with the W the op was given (nothing drawn): the reference of the
+    kernels' FMAP_PERFORMER."""
+
+    def __init__(self, w: Tensor, scale: float) -> None:
+        self.__dict__["_given_w"] = w  # read by _draw, which __init__ calls
+        super().__init__(w.shape[1], num_features=w.shape[0], scale=scale, redraw_interval=None)
+
+    def _draw(self, i: int) -> Tensor:
+        return self.__dict__["_given_w"]
+
+
+def reference_map(fmap: int, w: Tensor | None, scale: float, head_dim: int) -> torch.nn.Module:
+    """The feature map of the kernels' code ``fmap`` as a PyTorch module (reference formulas)."""
+    if fmap == TRITON_IDENTITY:
+        return _IdentityMap()
+    if fmap == PERFORMER:
+        return _GivenPerformer(w.float(), scale)
+    for cls in FEATURE_MAPS.values():
+        if cls.triton_code == fmap:
+            return cls(head_dim)
+    raise ValueError(f"no feature map with triton_code {fmap}")
+
+
+def _reference_out(q, k, v, w, mask, fmap, scale, causal, eps):
+    return attention_core(q, k, v, feature_map=reference_map(fmap, w, scale, q.shape[-1]),
+                          key_padding_mask=mask, causal=causal, eps=eps)
+
+
+@flurka_core_fwd.register_kernel("cpu")
+def _(q, k, v, w, mask, fmap, scale, causal, eps):
+    if cpu_runs_triton():
+        return core_forward(q, k, v, w, mask, fmap, scale, causal, eps)
+    out = _reference_out(q, k, v, w, mask, fmap, scale, causal, eps)
+    rest = [q.new_zeros(shape, dtype=dtype)
+            for shape, dtype in _forward_shapes(q, k, v, w, fmap, causal)[1:]]
+    return (out, *rest)
+
+
+@flurka_core_bwd.register_kernel("cpu")
+def _(dout, q, k, v, w, mask, out, cq, den, ck, S, z, fmap, scale, causal, eps):
+    if cpu_runs_triton():
+        if causal:
+            return causal_backward(dout, q, k, v, w, mask, out, cq, den, ck, S, z, fmap, scale)
+        return noncausal_backward(dout, q, k, v, w, mask, out, cq, den, ck, S, z, fmap, scale)
+    # torch.func.vjp: autograd proper is switched off inside an op's kernel (the dispatcher
+    # runs it below the Autograd keys), functorch's transform is not
+    def ref(q_, k_, v_):
+        return _reference_out(q_, k_, v_, w, mask, fmap, scale, causal, eps)
+
+    out_ref, pull = torch.func.vjp(ref, q, k, v)
+    return pull(dout.to(out_ref.dtype))
+
+
 # -- autograd -------------------------------------------------------------------------------
-class _CoreFunction(torch.autograd.Function):
-    """Shared forward/backward for the kernel families; subclasses fix ``causal``."""
-
-    causal = False
-
-    @classmethod
-    def forward(cls, ctx, q, k, v, w, mask, fmap, scale, eps):  # type: ignore[override]
-        out, cq, den, ck, S, z = torch.ops.flurka_rewrite.flurka_core_fwd(
-            q, k, v, w, mask, fmap, scale, cls.causal, eps)
-        ctx.save_for_backward(q, k, v, w, mask, out, cq, den, ck, S, z)
-        ctx.fmap, ctx.scale, ctx.eps = fmap, scale, eps
-        ctx.mark_non_differentiable(cq, den, ck, S, z)
-        return out, cq, den, ck, S, z
-
-    @classmethod
-    def backward(cls, ctx, dout, *_):  # type: ignore[override]
-        q, k, v, w, mask, out, cq, den, ck, S, z = ctx.saved_tensors
-        dq, dk, dv = torch.ops.flurka_rewrite.flurka_core_bwd(
-            dout.contiguous(), q, k, v, w, mask, out, cq, den, ck, S, z, ctx.fmap, ctx.scale,
-            cls.causal, ctx.eps)
-        return dq, dk, dv, None, None, None, None, None
+# forward/backward are staticmethods (torch.compile traces those, not classmethods); the two
+# families share _core_forward / _core_backward and differ in ``causal`` only.
+def _core_forward(ctx, q, k, v, w, mask, fmap, scale, eps, causal):
+    out, cq, den, ck, S, z = torch.ops.flurka_rewrite.flurka_core_fwd(
+        q, k, v, w, mask, fmap, scale, causal, eps)
+    ctx.save_for_backward(q, k, v, w, mask, out, cq, den, ck, S, z)
+    ctx.fmap, ctx.scale, ctx.eps = fmap, scale, eps
+    ctx.mark_non_differentiable(cq, den, ck, S, z)
+    return out, cq, den, ck, S, z
 
 
-class FlurkaCoreFunction(_CoreFunction):
+def _core_backward(ctx, dout, causal):
+    q, k, v, w, mask, out, cq, den, ck, S, z = ctx.saved_tensors
+    dq, dk, dv = torch.ops.flurka_rewrite.flurka_core_bwd(
+        dout.contiguous(), q, k, v, w, mask, out, cq, den, ck, S, z, ctx.fmap, ctx.scale,
+        causal, ctx.eps)
+    return dq, dk, dv, None, None, None, None, None
+
+
+class FlurkaCoreFunction(torch.autograd.Function):
     """Non-causal fused FLuRKA core: state kernel + on-the-fly phi(Q) output kernel."""
 
-    causal = False
+    @staticmethod
+    def forward(ctx, q, k, v, w, mask, fmap, scale, eps):  # type: ignore[override]
+        return _core_forward(ctx, q, k, v, w, mask, fmap, scale, eps, False)
+
+    @staticmethod
+    def backward(ctx, dout, *_):  # type: ignore[override]
+        return _core_backward(ctx, dout, False)
 
 
-class FlurkaCausalCoreFunction(_CoreFunction):
+class FlurkaCausalCoreFunction(torch.autograd.Function):
     """Causal kernel attention: chunked prefix-sum kernel (inter-chunk state carry)."""
 
-    causal = True
+    @staticmethod
+    def forward(ctx, q, k, v, w, mask, fmap, scale, eps):  # type: ignore[override]
+        return _core_forward(ctx, q, k, v, w, mask, fmap, scale, eps, True)
+
+    @staticmethod
+    def backward(ctx, dout, *_):  # type: ignore[override]
+        return _core_backward(ctx, dout, True)
 
 
 # -- entry point ----------------------------------------------------------------------------
@@ -130,6 +227,7 @@ def triton_attention_core(
 
     q (B, H, N, dh), k (B, Hkv, M, dh), v (B, Hkv, M, dv), key_padding_mask (B, M) bool
     (True = real key) -> (B, H, N, dv) in q's dtype. Sums and states are fp32."""
+    key_padding_mask = broadcast_key_mask(key_padding_mask, q.shape[0], k.shape[2])
     _check(q, k, v, key_padding_mask, causal)
     name = getattr(feature_map, "name", None)
     code = getattr(feature_map, "triton_code", _NO_FACTS)  # the map class's (registry.py)
@@ -157,6 +255,21 @@ def triton_attention_core(
     fn = FlurkaCausalCoreFunction if causal else FlurkaCoreFunction
     out = fn.apply(xq, xk.to(xq.dtype), v, w, mask, fmap, scale, eps)[0]
     return out.to(q.dtype)
+
+
+def broadcast_key_mask(mask: Tensor | None, batch: int, kv_len: int) -> Tensor | None:
+    """A key-padding mask that broadcasts to (B, M), expanded to it; the reference broadcasts
+    (B, 1 or M) masks implicitly (``key_padding_mask[:, None, :, None]``), the kernels index
+    one row per batch. A mask shared by the batch arises from a (1, 1, N, M) attention mask
+    (e.g. a causal mask built with masked_fill), which ``FlurkaAttention.key_keep`` reduces to
+    (1, M). Anything that does not broadcast is left as it is for ``_check`` to refuse."""
+    if mask is None or tuple(mask.shape) == (batch, kv_len):
+        return mask
+    if mask.dim() == 1:
+        mask = mask[None]
+    if mask.dim() != 2 or mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, kv_len):
+        return mask
+    return mask.expand(batch, kv_len)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> None:

@@ -302,3 +302,42 @@ def test_auto_uses_triton_on_cuda_only_for_head_dims_measured_faster(monkeypatch
     assert dispatch.resolve_backend("auto", "cuda", fm, head_dim=325) == "torch"
     assert dispatch.resolve_backend("triton", "cuda", fm, head_dim=325) == "triton"
     assert dispatch.resolve_backend("auto", "cuda", None, head_dim=64) == "torch"  # softmax
+
+
+@pytest.mark.parametrize("fmap", ["performer", "rnn"])
+def test_causal_mask_shared_by_the_batch_triton_equals_torch(fmap: str) -> None:
+    """A causal site called with one (1, 1, N, N) additive mask for the whole batch (built with
+    masked_fill, as many models do): ``key_keep`` reduces it to a (1, M) key mask, which the
+    reference broadcasts and the Triton path refused ("key_padding_mask must be (B, M)").
+    Outputs and gradients of q, k, v with backend="triton" equal backend="torch" (TOL_FP32)."""
+    B, H, N, dh = 2, 2, 40, 16
+    future = torch.ones(N, N, dtype=torch.bool).triu(1)
+    mask = torch.zeros(1, 1, N, N).masked_fill(future, torch.finfo(torch.float32).min)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, H, N, dh, generator=g).to(DEVICE) for _ in range(3))
+    dout = torch.randn(B, H, N, dh, generator=g).to(DEVICE)
+    res = {}
+    for backend in ("torch", "triton"):
+        mod = FlurkaAttention(kernel=fmap, heads=H, head_dim=dh, causal=True, num_features=24,
+                              seed=3, backend=backend).to(DEVICE).eval()
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = mod(qq, kk, vv, attn_mask=mask.to(DEVICE))
+        res[backend] = (out, *torch.autograd.grad(out, (qq, kk, vv), dout))
+    for name, a, b in zip(["out", "dq", "dk", "dv"], res["triton"], res["torch"]):
+        assert rel_err(a, b) < TOL_FP32, f"{name}: {rel_err(a, b):.2e}"
+
+
+def test_key_mask_broadcast_over_the_batch_and_refused_otherwise() -> None:
+    """A (1, M) or (M,) key mask is expanded to (B, M) (same result as the explicit (B, M)
+    mask); one that cannot broadcast to (B, M) still raises."""
+    shape = SHAPES["gqa-mask-n37-d20"]
+    fm = make_map("relu", shape)
+    q, k, v, _ = make_inputs(shape, causal=False)
+    row = torch.rand(k.shape[2], generator=torch.Generator().manual_seed(2)) > 0.3
+    row = row.to(DEVICE)
+    full = triton_attention_core(q, k, v, feature_map=fm, key_padding_mask=row.expand(2, -1))
+    for shared in (row[None], row):
+        out = triton_attention_core(q, k, v, feature_map=fm, key_padding_mask=shared)
+        assert torch.equal(out, full)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \(B, M\)"):
+        triton_attention_core(q, k, v, feature_map=fm, key_padding_mask=row[None].repeat(3, 1))
