@@ -68,7 +68,7 @@ _MAX_LITERAL = 2 ** 63
 _MAX_EXPONENT = 64
 _MAX_EXPR = 10_000
 
-_OP_NAMESPACES = ("aten", "prims", "higher_order", "flurka")
+_OP_NAMESPACES = ("aten", "prims", "higher_order", "flurka_rewrite")  # + this library's ops
 _DENIED_ATEN = {"from_file", "_nested_from_file"}  # read arbitrary files into tensors
 _OPERATOR = {"add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pos", "pow", "eq",
              "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_", "invert", "getitem",

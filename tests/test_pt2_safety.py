@@ -224,3 +224,22 @@ def test_non_utf8_file_name_loads(program: str, tmp_path, capsys) -> None:
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "\\udcff" in out.err or "\\xff" in out.err
+
+
+def test_program_with_this_librarys_custom_op_loads(tmp_path) -> None:
+    """A converted model exported on the Triton backend holds torch.ops.flurka_rewrite ops (a
+    GPU export does): such a program is plain data and loads, and runs like the original."""
+    from flurka_rewrite.kernels.attention import FlurkaAttention
+    from flurka_rewrite.pt2_safe import load_program
+
+    torch.manual_seed(0)
+    attn = FlurkaAttention(kernel="relu", heads=2, head_dim=8, dk=None, backend="triton").eval()
+    q, k, v = (torch.randn(2, 2, 12, 8) for _ in range(3))
+    ep = torch.export.export(attn, (q, k, v))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("flurka_rewrite" in t for t in targets), targets  # the case under test
+    path = str(tmp_path / "op.pt2")
+    torch.export.save(ep, path)
+    with torch.no_grad():
+        got = load_program(path).module()(q, k, v)
+        torch.testing.assert_close(got, attn(q, k, v), atol=1e-5, rtol=1e-5)
