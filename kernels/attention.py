@@ -174,16 +174,30 @@ class FlurkaAttention(nn.Module):
 
         x (B, M, dm), weight (out, dm), bias (out,) -> (B, dk, out). Padded rows of X (and of
         the ones vector) are zeroed first."""
-        P = self._proj(which)
-        ex = lowrank_project(x, P, key_padding_mask, bands=self._bands)  # (B, dk, dm)
-        out = F.linear(ex, weight)
+        out = F.linear(self.down_project(x, which, key_padding_mask), weight)
         if bias is not None:
-            M = x.shape[-2]
-            # E 1 (the row sums of E over the real positions), one (dk, M) product.
-            ones = x.new_ones(x.shape[0], M, 1)
-            e1 = lowrank_project(ones, P, key_padding_mask)  # (B, dk, 1)
-            out = out + e1 * bias
+            out = out + self.row_sums(x, which, key_padding_mask) * bias
         return out
+
+    def down_project(self, x: Tensor, which: str, key_padding_mask: Tensor | None = None
+                     ) -> Tensor:
+        """E X ("k") or F X ("v"): x (B, M, dm) -> (B, dk, dm), padded rows zeroed first."""
+        return lowrank_project(x, self._proj(which), key_padding_mask, bands=self._bands)
+
+    def row_sums(self, x: Tensor, which: str, key_padding_mask: Tensor | None = None
+                 ) -> Tensor:
+        """E 1, the row sums of E (or F) over the real positions of x's sequence: (B, dk, 1)."""
+        ones = x.new_ones(x.shape[0], x.shape[-2], 1)
+        return lowrank_project(ones, self._proj(which), key_padding_mask)
+
+    def fix_bias(self, y: Tensor, x: Tensor, bias: Tensor | None, which: str,
+                 key_padding_mask: Tensor | None = None) -> Tensor:
+        """A projection module applied to E X adds b once per row; E (X W^T + 1 b^T) needs
+        (E 1) b^T: y (B, dk, out) + (E 1 - 1) b^T (the hoisted path through a module call,
+        so that a module swapped in later, e.g. PEFT's LoRA, takes effect)."""
+        if bias is None:
+            return y
+        return y + (self.row_sums(x, which, key_padding_mask) - 1) * bias
 
     def _lowrank_keep(self, M: int, keep: Tensor | None, batch: int) -> Tensor | None:
         """``lowrank_keep`` on the fixed support; without padding it depends on M only, so it

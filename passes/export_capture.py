@@ -23,6 +23,8 @@ import torch.nn as nn
 from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
+from .module_calls import fold_leaf_calls
+
 
 def _auto_dims(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
@@ -229,6 +231,7 @@ def _from_export(module: nn.Module, ep: Any, consts: dict, sig: inspect.Signatur
             g.output(_rebuilt(g, out))
         else:
             env[n] = g.node_copy(n, lambda x: env[x])
+    fold_leaf_calls(g, module)  # self.query(x) stays a call of query (swapped modules work)
     consts_used = {n.target: getattr(module, n.target) for n in g.nodes
                    if n.op == "get_attr" and n.target.startswith("_flurka_const_")}
     return g, how, consts_used

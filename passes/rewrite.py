@@ -6,8 +6,14 @@ When the K and V projection chains are linear and position-independent and the s
 low-rank, the down-sampling is hoisted above the projections (docs/design.md §3.3):
 
     keep = flurka_<i>.key_keep(m, M)
-    k    = flurka_<i>.project_kv(x, W_k, b_k, "k", keep).view(B, dk, Hkv, dh).transpose(1, 2)
+    ex   = flurka_<i>.down_project(x, "k", keep)                     # E x: (B, dk, dm)
+    k    = flurka_<i>.fix_bias(self.key(ex), x, self.key.bias, "k", keep)   # + (E 1 - 1) b
+    k    = k.view(B, dk, Hkv, dh).transpose(1, 2)
     out  = flurka_<i>(q, k, v, attn_mask=m, source_len=M)
+
+The projection stays a call of its module (``self.key``), so a module swapped in later (PEFT's
+LoRA) is what runs; a projection that is no module (``F.linear`` on a parameter) goes through
+``flurka_<i>.project_kv(x, W_k, b_k, "k", keep)``, the same product.
 
 The replaced nodes become dead and are removed; ``graph.lint()`` runs after every site.
 """
@@ -61,9 +67,16 @@ def _weight_node(g, gm: GraphModule, chain: KVChain, which: str) -> Any:
 
 def _hoisted_kv(g, gm: GraphModule, fa: Node, chain: KVChain, which: str, keep: Node,
                 site: Site, dk: int, dim: int) -> Node:
-    w = _weight_node(g, gm, chain, "weight")
-    b = _weight_node(g, gm, chain, "bias")
-    y = g.call_method("project_kv", (fa, chain.x, w, b, which, keep))  # (B, dk, Hkv*d)
+    if chain.linear.op == "call_module":  # call the module: a swapped one (LoRA) takes effect
+        ex = g.call_method("down_project", (fa, chain.x, which, keep))  # (B, dk, dm)
+        y = g.call_module(chain.linear.target, (ex,))  # (B, dk, Hkv*d): (E X) W^T + b
+        b = _weight_node(g, gm, chain, "bias")
+        if b is not None:
+            y = g.call_method("fix_bias", (fa, y, chain.x, b, which, keep))  # + (E 1 - 1) b
+    else:
+        w = _weight_node(g, gm, chain, "weight")
+        b = _weight_node(g, gm, chain, "bias")
+        y = g.call_method("project_kv", (fa, chain.x, w, b, which, keep))  # (B, dk, Hkv*d)
     b0 = g.call_method("size", (chain.x, 0))
     y = g.call_method("view", (y, b0, dk, site.kv_heads, dim))  # (B, dk, Hkv, d)
     y = g.call_method("transpose", (y, 1, 2))  # (B, Hkv, dk, d)
