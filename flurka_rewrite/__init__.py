@@ -12,6 +12,7 @@ from .onnx_export import export_onnx
 from .loading import load
 from .saving import save
 from .distill import DistillResult, distill
+from .lora import add_lora, flurka_parameters
 
 __version__ = "0.1.0"
 
@@ -19,3 +20,4 @@ __all__ = ["FlurkaAttention", "RewriteConfig", "RewriteReport", "SiteReport", "c
            "__version__"]
 __all__ += ["export_onnx", "load", "save", "distill", "DistillResult", "AllSitesSkippedWarning",
             "AlreadyConvertedWarning"]
+__all__ += ["add_lora", "flurka_parameters"]
