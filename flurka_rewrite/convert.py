@@ -62,10 +62,9 @@ def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
             check_runs(target, cap)
         units = analyse(target, cap, cfg, None if cap is None else padded_probe(target, cap))
         sites = [s for u in units for s in u.sites]
-        if cap is not None and batch_of(cap) == 2 * batch_of(ex):  # a batch of one, run as
-            for s in (x for x in sites if x.batch):  # two: report the FLOPs of one
-                s.batch //= 2
-        decide(target, sites, cfg)
+        # a batch of one is captured as two: decide counts the FLOPs of one
+        repeated = 2 if cap is not None and batch_of(cap) == 2 * batch_of(ex) else 1
+        decide(target, sites, cfg, repeated)
         if build:
             apply_all(units, cfg, verify=cap is not None)  # build, verify, install
         if cap is None:

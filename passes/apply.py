@@ -20,7 +20,7 @@ from .install import choose_variant, install
 from .mha import FlurkaMultiheadAttention
 from .units import Unit
 from .rewrite import build_attention, rel_error
-from .site import Site
+from .site import Outcome, Site
 from .verify import check_sites, rewritten_copy
 
 NOT_VERIFIED = ("not verified: planned without example inputs; pass example_inputs to "
@@ -32,9 +32,17 @@ def attention_for(s: Site, cfg: RewriteConfig) -> FlurkaAttention:
     attn = build_attention(s, kernel=s.kernel, dk=s.dk, num_features=s.num_features,
                            max_seq_len=s.max_seq_len, seed=cfg.seed + 7919 * s.index,
                            e_init=cfg.e_init, backend=cfg.backend)
-    s.num_features = attn.num_features
-    s.params_added = sum(p.numel() for p in attn.parameters())
+    o = outcome(s)
+    o.num_features = attn.num_features
+    o.params_added = sum(p.numel() for p in attn.parameters())
     return attn
+
+
+def outcome(s: Site) -> Outcome:
+    """The site's ``Outcome`` record, written here only (passes/site.py)."""
+    if s.outcome is None:
+        s.outcome = Outcome()
+    return s.outcome
 
 
 def apply_all(units: Sequence[Unit], cfg: RewriteConfig, verify: bool) -> None:
@@ -60,7 +68,7 @@ def _fail(sites: Sequence[Site], fails: dict[int, str]) -> None:
     for s in sites:
         if s.index in fails:
             s.skip(fails[s.index])
-            s.verified = False
+            outcome(s).verified = False
 
 
 def _mha(u: Unit, s: Site, attns: dict, cfg: RewriteConfig, verify: bool,
@@ -75,10 +83,11 @@ def _mha(u: Unit, s: Site, attns: dict, cfg: RewriteConfig, verify: bool,
         if fails:
             _fail([s], fails)
             return None
-        s.verified = True
+        outcome(s).verified = True
     new = FlurkaMultiheadAttention(u.module, attns[s.index], bool(s.hoisted))
-    s.hoisted = new.hoist
-    s.rel_error = u.mha_rel_error(new) if u.call != ((), {}) else None
+    o = outcome(s)
+    o.hoisted = new.hoist
+    o.rel_error = u.mha_rel_error(new) if u.call != ((), {}) else None
 
     def job() -> None:
         parent_path, _, name = u.path.rpartition(".")
@@ -117,16 +126,17 @@ def _graph(u: Unit, legal: list[Site], attns: dict, cfg: RewriteConfig, verify: 
         if not legal:
             return None
         for s in legal:
-            s.verified = True
+            outcome(s).verified = True
     before = {s.index: _picture_before(u, s) for s in legal}
     main, env, info = rewritten_copy(u.gm, legal, attns, cfg.hoist)
     given = None
     if u.given is not None:
         given = rewritten_copy(u.given.gm, [alt[s.index] for s in legal], attns, cfg.hoist)[0]
     for s in legal:
-        s.rel_error = rel_error(s, u.values, attns[s.index]) if u.values else None
-        s.hoisted, added = info[s.index]
-        s.graphs = (before[s.index], _picture_after(main, s, env, added))
+        o = outcome(s)
+        o.rel_error = rel_error(s, u.values, attns[s.index]) if u.values else None
+        o.hoisted, added = info[s.index]
+        o.graphs = (before[s.index], _picture_after(main, s, env, added))
 
     def job() -> None:
         install(u.module, main, given, u.when_given)

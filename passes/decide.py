@@ -14,17 +14,21 @@ from flurka_rewrite.kernels.registry import AUTO, SOFTMAX, auto_candidates
 from . import cost_model
 from .choose import choose
 from .config import RewriteConfig
-from .site import Site, can_hoist
+from .site import Decision, Site, can_hoist
 
 CAUSAL_NOTE = "causal: kernel-only attention (prefix sums), dk not applied"
 
 
-def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig) -> None:
-    """filter_fn, then kernel / dk / num_features / hoisted per legal site."""
+def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig, repeated: int = 1) -> None:
+    """``site.decision`` per site: FLOPs before; then, for legal sites, filter_fn, kernel /
+    dk / num_features / hoisted and FLOPs after. ``repeated``: the capture ran the user's
+    batch this many times over (convert runs a batch of one as two); FLOPs are the user's."""
     mpe = int(getattr(getattr(model, "config", None), "max_position_embeddings", None) or 0)
     for s in sites:
+        d = s.decision = Decision()
+        B = s.batch // repeated if s.batch else s.batch
         if s.seq_len is not None:
-            _flops_before(s)
+            d.flops_before = _flops_before(s, B)
         if not s.ok:
             continue
         if cfg.filter_fn is not None and not cfg.filter_fn(s.module_path, s):
@@ -35,16 +39,16 @@ def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig) -> None:
             s.notes_for_report.append(CAUSAL_NOTE)
             dk = None
         traced = s.kv_seq_len is not None
-        s.max_seq_len = cfg.max_seq_len or (max(s.kv_seq_len, mpe) if traced else mpe or None)
-        if isinstance(dk, int) and s.max_seq_len is not None and dk > s.max_seq_len:
-            s.skip(f"dk={dk} is larger than the longest key sequence {s.max_seq_len} "
+        d.max_seq_len = cfg.max_seq_len or (max(s.kv_seq_len, mpe) if traced else mpe or None)
+        if isinstance(dk, int) and d.max_seq_len is not None and dk > d.max_seq_len:
+            s.skip(f"dk={dk} is larger than the longest key sequence {d.max_seq_len} "
                    "(max_seq_len); use a smaller dk or dk=None")
             continue
         if traced:
             M = s.kv_seq_len if not isinstance(dk, int) else max(s.kv_seq_len, dk)
-            N, B, at = (s.seq_len if s.seq_len != s.kv_seq_len else M), s.batch, ""
+            N, at = (s.seq_len if s.seq_len != s.kv_seq_len else M), ""
         else:
-            N = M = s.max_seq_len
+            N = M = d.max_seq_len
             B, at = 1, f" (at N = M = max_seq_len = {N})"
         structure = can_hoist(s, cfg.hoist)
         hoistable = traced and structure  # priced hoisted (static sites get no FLOPs)
@@ -55,19 +59,19 @@ def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig) -> None:
                 kernel=cfg.kernel, dk=dk, num_features=cfg.num_features, B=B, N=N, M=M,
                 H=s.heads, Hkv=s.kv_heads, dh=s.head_dim, dm=s.dm, causal=s.causal,
                 hoistable=hoistable, padding_mask="padding" in s.mask_kind, e_init=cfg.e_init,
-                max_seq_len=s.max_seq_len)
-            s.kernel, s.dk, s.num_features = ch.kernel, ch.dk, ch.num_features
-            s.flops_after = ch.flops if traced else None
+                max_seq_len=d.max_seq_len)
+            d.kernel, d.dk, d.num_features = ch.kernel, ch.dk, ch.num_features
+            d.flops_after = ch.flops if traced else None
             if cfg.kernel == AUTO or dk == AUTO:
                 s.notes_for_report.append(ch.reason + at)
             if traced and M != s.kv_seq_len:
                 s.notes_for_report.append(f"FLOPs at key length {M} (dk > example length)")
         except (ValueError, TypeError) as e:
-            s.kernel = auto_candidates(pretrained=True)[0] if cfg.kernel == AUTO else cfg.kernel
-            s.dk = dk if isinstance(dk, int) else None
-            s.num_features = cfg.num_features
+            d.kernel = auto_candidates(pretrained=True)[0] if cfg.kernel == AUTO else cfg.kernel
+            d.dk = dk if isinstance(dk, int) else None
+            d.num_features = cfg.num_features
             s.notes_for_report.append(f"no FLOP estimate: {e}")
-        s.hoisted = s.dk is not None and structure
+        d.hoisted = d.dk is not None and structure
         _dropout_note(s)
 
 
@@ -79,11 +83,11 @@ def _dropout_note(s: Site) -> None:
             "no attention weights (exact mode only)")
 
 
-def _flops_before(s: Site) -> None:
+def _flops_before(s: Site, B: int | None) -> int | None:
     try:
-        s.flops_before = cost_model.site_flops(
-            kernel=SOFTMAX, dk=None, B=s.batch, N=s.seq_len, M=s.kv_seq_len, H=s.heads,
+        return cost_model.site_flops(
+            kernel=SOFTMAX, dk=None, B=B, N=s.seq_len, M=s.kv_seq_len, H=s.heads,
             Hkv=s.kv_heads, dh=s.head_dim, dm=s.dm, causal=s.causal,
             padding_mask="padding" in s.mask_kind)
     except (ValueError, TypeError):
-        s.flops_before = None
+        return None

@@ -19,7 +19,7 @@ from flurka_rewrite.kernels.attention import MASKED_BELOW
 from .canonicalize import canon
 from .graph_nx import depends_on_any, escapes, site_region
 from .match import apply_fix
-from .site import KVChain, Site
+from .site import Found, KVChain, Shapes, Site
 
 BIAS_REASON = ("additive position bias (learned, e.g. T5 relative bias or ALiBi) enters the "
                "scores; FLuRKA cannot represent it")
@@ -144,8 +144,22 @@ def kv_chain(node: Node, gm: GraphModule, values: dict[str, Any], layout: str,
     return None
 
 
+def shapes_of(found: Found) -> Shapes:
+    """A ``Shapes`` record that starts from what the matcher found (scale, causality, dropout,
+    layout fixes); the functions below fill in the rest."""
+    return Shapes(scale=found.scale, causal=found.causal, dropout_p=found.dropout_p,
+                  v_fix=list(found.v_fix), out_fix=list(found.out_fix))
+
+
+def _shapes(site: Site) -> Shapes:
+    if site.shapes is None:
+        site.shapes = shapes_of(site.found)
+    return site.shapes
+
+
 def fill(site: Site, gm: GraphModule, values: dict[str, Any]) -> None:
-    """Shapes, heads, mask kind, GQA and K/V chains from the example values."""
+    """``site.shapes``: sizes, heads, mask kind, GQA and K/V chains from the example values."""
+    sh = site.shapes = shapes_of(site.found)
     try:
         q = apply_fix(_tensor(values, site.q), site.q_fix)
         k = apply_fix(_tensor(values, site.k), site.k_fix)
@@ -157,44 +171,94 @@ def fill(site: Site, gm: GraphModule, values: dict[str, Any]) -> None:
         return
     if q.dim() == 4 and v.dim() == 3 and k.dim() == 4 and k.shape[1] == q.shape[1] and \
             v.shape[0] == q.shape[0] * q.shape[1]:  # weights viewed flat before the v product
-        site.v_fix.append(("unflatten", q.shape[1]))
-        site.out_fix.append(("flatten",))
+        sh.v_fix.append(("unflatten", q.shape[1]))
+        sh.out_fix.append(("flatten",))
         v = apply_fix(_tensor(values, site.v), [("unflatten", q.shape[1])])
     if q.dim() == 3:
-        site.layout = "flat"
-        site.batch, site.heads, site.kv_heads = q.shape[0], 1, 1
+        sh.layout = "flat"
+        sh.batch, sh.heads, sh.kv_heads = q.shape[0], 1, 1
     elif q.dim() == 4:
-        site.batch, site.heads, site.kv_heads = q.shape[0], q.shape[1], k.shape[1]
+        sh.batch, sh.heads, sh.kv_heads = q.shape[0], q.shape[1], k.shape[1]
     else:
         site.skip(f"unsupported q rank {q.dim()} (expected (B, H, N, d) or (B*H, N, d))")
         return
-    site.seq_len, site.head_dim = q.shape[-2], q.shape[-1]
-    site.kv_seq_len, site.v_dim = k.shape[-2], v.shape[-1]
-    if site.scale is None:
-        site.scale = site.head_dim ** -0.5
+    sh.seq_len, sh.head_dim = q.shape[-2], q.shape[-1]
+    sh.kv_seq_len, sh.v_dim = k.shape[-2], v.shape[-1]
+    if sh.scale is None:
+        sh.scale = sh.head_dim ** -0.5
     mval = _tensor(values, site.mask)
-    site.mask_rank = mval.dim() if mval is not None else None
-    site.mask_kind = classify_mask(mval, site.mask_invert, site.causal)
+    sh.mask_rank = mval.dim() if mval is not None else None
+    sh.mask_kind = classify_mask(mval, site.mask_invert, site.causal)
     if site.mask is not None and mval is None:
-        site.mask_kind = "other"
+        sh.mask_kind = "other"
     if site.mask_kind.startswith("causal") or (
             site.mask_kind == "other" and _within_causal(mval, site.mask_invert)):
-        site.causal = True  # a banded causal mask (sliding window) is causal too
+        sh.causal = True  # a banded causal mask (sliding window) is causal too
     if site.layout == "bhnd" and not site.k_fix and site.kv_heads == site.heads:
         kp = strip_repeat(site.k, gm, values, site.heads)
         vp = strip_repeat(site.v, gm, values, site.heads) if not site.v_fix else None
         if kp is not None and vp is not None and kp.meta is not None:
             kvv = _tensor(values, kp)
-            site.k_pre_repeat, site.v_pre_repeat, site.kv_heads = kp, vp, kvv.shape[1]
+            sh.k_pre_repeat, sh.v_pre_repeat, sh.kv_heads = kp, vp, kvv.shape[1]
     if not site.k_fix and not site.v_fix:
         kn = site.k_pre_repeat or site.k
         vn = site.v_pre_repeat or site.v
-        site.k_chain = kv_chain(kn, gm, values, site.layout, site.kv_heads, site.head_dim)
-        site.v_chain = kv_chain(vn, gm, values, site.layout, site.kv_heads, site.v_dim)
+        sh.k_chain = kv_chain(kn, gm, values, site.layout, site.kv_heads, site.head_dim)
+        sh.v_chain = kv_chain(vn, gm, values, site.layout, site.kv_heads, site.v_dim)
         if site.k_chain and site.v_chain and site.k_chain.x is site.v_chain.x:
-            site.dm = site.k_chain.dm
+            sh.dm = sh.k_chain.dm
         else:
-            site.k_chain = site.v_chain = None
+            sh.k_chain = sh.v_chain = None
+
+
+def fill_static(site: Site, heads: int, head_dim: int, kv_heads: int, v_dim: int) -> None:
+    """``site.shapes`` for a site planned without example inputs (passes/static_plan.py): the
+    head sizes read from the graph's views; lengths unknown; a mask is of unknown kind."""
+    sh = site.shapes = shapes_of(site.found)
+    sh.heads, sh.head_dim, sh.kv_heads, sh.v_dim = heads, head_dim, kv_heads, v_dim
+    if sh.scale is None:
+        sh.scale = head_dim ** -0.5
+    sh.mask_kind = ("causal" if sh.causal else "none") if site.mask is None else "other"
+
+
+def fill_mha(site: Site, mha: Any, call: dict[str, Any] | None) -> None:
+    """``site.shapes`` of an ``nn.MultiheadAttention`` (passes/mha.py): sizes from the module,
+    and with the recorded ``call`` (arguments by name) the lengths and the mask kind; without
+    a call the key padding mask is read at run time."""
+    sh = site.shapes = shapes_of(site.found)
+    sh.heads = sh.kv_heads = mha.num_heads
+    sh.head_dim = sh.v_dim = mha.head_dim
+    sh.dm = mha.embed_dim
+    if call is None:
+        sh.mask_kind = "padding"  # key_padding_mask is read at run time
+        return
+    q, k = call["query"], call["key"]
+    if not mha.batch_first:
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+    sh.batch, sh.seq_len, sh.kv_seq_len = q.shape[0], q.shape[1], k.shape[1]
+    am = call.get("attn_mask")
+    # a bool mask is True where attention is NOT allowed; a float mask is additive
+    # (nn.Transformer.generate_square_subsequent_mask: 0 and -inf)
+    sh.mask_kind = classify_mask(am, am.dtype == torch.bool, bool(call.get("is_causal"))) \
+        if am is not None else ("causal" if call.get("is_causal") else "none")
+    if call.get("key_padding_mask") is not None and sh.mask_kind == "none":
+        sh.mask_kind = "padding"
+    sh.causal = sh.mask_kind.startswith("causal")
+
+
+def set_train_dropout(site: Site, p: float) -> None:
+    """The training-time attention dropout, where the eval-mode capture shows 0.0 (Hugging
+    Face passes ``dropout=0.0`` in eval; passes/units.py: train_dropout reads the module)."""
+    _shapes(site).dropout_p = p
+
+
+def merge_probe(site: Site, probe: Site) -> None:
+    """What the padded probe's capture of the same site adds: a mask kind where the example
+    had no mask (Hugging Face drops an all-ones mask), and causality."""
+    sh = _shapes(site)
+    if sh.mask_kind == "none":
+        sh.mask_kind = probe.mask_kind
+        sh.causal = sh.causal or probe.causal
 
 
 def check(site: Site, gm: GraphModule, values: dict[str, Any], g: nx.DiGraph,
@@ -212,14 +276,14 @@ def _check(site, gm, values, g, params, exact, lengths_known) -> None:
     masks = site.all_masks
     kinds = [classify_mask(_tensor(values, m), False, False) for m in masks]
     if "bias" in kinds or any(depends_on_any(g, m, params) for m in masks if isinstance(m, Node)):
-        site.learned_bias = True
+        _shapes(site).learned_bias = True
         site.skip(BIAS_REASON)
         return
     outs = {n.name for n in gm.graph.nodes if n.op == "output"}
     returned = {p for o in outs for p in g.predecessors(o)}
     for m in masks:
         if isinstance(m, Node) and (nx.ancestors(g, m.name) | {m.name}) & returned:
-            site.learned_bias = True
+            _shapes(site).learned_bias = True
             site.skip("an additive position bias that the module also returns for reuse by "
                       "other layers (T5-style) enters the scores; FLuRKA cannot represent it")
             return
@@ -227,7 +291,7 @@ def _check(site, gm, values, g, params, exact, lengths_known) -> None:
         site.skip("more than one mask enters the scores")
         return
     if site.mask_kind == "bias" or (site.mask is not None and depends_on_any(g, site.mask, params)):
-        site.learned_bias = True
+        _shapes(site).learned_bias = True
         site.skip(BIAS_REASON)
         return
     dim = site.softmax_dim
@@ -246,7 +310,7 @@ def _check(site, gm, values, g, params, exact, lengths_known) -> None:
         leaks += [e for e in escapes(g, region, site.output) if e[0] in scores]
         if leaks:
             outs = [e for e in leaks if g.nodes[e[1]]["op"] == "output"]
-            site.escape_output_only = len(outs) == len(leaks)
+            _shapes(site).escape_output_only = len(outs) == len(leaks)
             what = ", ".join(sorted({f"{a} -> {b}" for a, b in leaks}))
             site.skip(f"attention weights are used elsewhere ({what}): rewriting would change "
                       "them")

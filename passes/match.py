@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .canonicalize import COp, canon, is_getitem, is_op, sdpa_returns_tuple
-from .site import Site
+from .site import Found, Site
 from .unmatched import unmatched_site
 
 _FILL_MIN = -1e4  # a masked_fill / where value at or below this counts as "masked out"
@@ -203,24 +203,25 @@ def _match_softmax(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: st
         cur = nxt
     if pv is None:
         return None
-    site = Site(module_path=_module_path(cap_path, sm), node_name=sm.name, pattern="")
-    site.weights, site.output, site.dropout_p = chain, pv.node, dropout_p
-    site.scale = w.scale
-    site.mask, site.mask_invert = w.mask, w.mask_invert
-    site.scale_nodes = w.scale_nodes
-    site.softmax_dim = c.get("dim")
-    site.qk = qk.node
-    site.all_masks = w.all_masks
+    site = Site(Found(module_path=_module_path(cap_path, sm), node_name=sm.name, pattern=""))
+    f = site.found
+    f.weights, f.output, f.dropout_p = chain, pv.node, dropout_p
+    f.scale = w.scale
+    f.mask, f.mask_invert = w.mask, w.mask_invert
+    f.scale_nodes = w.scale_nodes
+    f.softmax_dim = c.get("dim")
+    f.qk = qk.node
+    f.all_masks = w.all_masks
     if qk.op in ("matmul", "baddbmm"):
         q, k_t = qk.get("a"), qk.get("b")
-        site.k, site.k_transposed = _strip_transpose(k_t, gm, values)
-        site.q = _strip_scale(q, gm, values, site)
-        site.k = _strip_scale(site.k, gm, values, site)
-        if site.k_transposed:
-            site.k_fix.append(("transpose", -2, -1))
+        f.k, f.k_transposed = _strip_transpose(k_t, gm, values)
+        f.q = _strip_scale(q, gm, values, f)
+        f.k = _strip_scale(f.k, gm, values, f)
+        if f.k_transposed:
+            f.k_fix.append(("transpose", -2, -1))
         if pv.op != "matmul":
             return None
-        site.v = pv.get("b")
+        f.v = pv.get("b")
         pat = [qk.op] + w.parts[::-1][1:] + ["softmax"] + \
             [canon(n, gm).op for n in chain[1:]] + ["matmul"]
     else:  # einsum
@@ -238,19 +239,19 @@ def _match_softmax(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: st
         if len(c_ax) != 1 or len(e_ax) != 1 or ws != ss or len(batch) not in (1, 2):
             return None
         c_ax, e_ax = c_ax[0], e_ax[0]
-        site.q, site.k, site.v = qk.get("operands")[0], qk.get("operands")[1], pv.get("operands")[1]
-        site.q = _strip_scale(site.q, gm, values, site)
-        site.q_fix.append(("einsum", f"{qs}->{batch}{n_ax}{c_ax}"))
-        site.k_fix.append(("einsum", f"{ks}->{batch}{m_ax}{c_ax}"))
-        site.v_fix.append(("einsum", f"{vs}->{batch}{m_ax}{e_ax}"))
-        site.out_fix.append(("einsum", f"{batch}{n_ax}{e_ax}->{os_}"))
+        f.q, f.k, f.v = qk.get("operands")[0], qk.get("operands")[1], pv.get("operands")[1]
+        f.q = _strip_scale(f.q, gm, values, f)
+        f.q_fix.append(("einsum", f"{qs}->{batch}{n_ax}{c_ax}"))
+        f.k_fix.append(("einsum", f"{ks}->{batch}{m_ax}{c_ax}"))
+        f.v_fix.append(("einsum", f"{vs}->{batch}{m_ax}{e_ax}"))
+        f.out_fix.append(("einsum", f"{batch}{n_ax}{e_ax}->{os_}"))
         pat = ["einsum"] + w.parts[::-1][1:] + ["softmax"] + \
             [canon(n, gm).op for n in chain[1:]] + ["einsum"]
-    site.pattern = "-".join(pat)
+    f.pattern = "-".join(pat)
     return site
 
 
-def _strip_scale(x: Any, gm: GraphModule, values: dict[str, Any], site: Site) -> Any:
+def _strip_scale(x: Any, gm: GraphModule, values: dict[str, Any], found: Found) -> Any:
     """q * s (or q / s) with a constant s: fold s into the site scale, return q."""
     c = is_op(x, gm, "mul", "div")
     if c is None:
@@ -261,9 +262,9 @@ def _strip_scale(x: Any, gm: GraphModule, values: dict[str, Any], site: Site) ->
         v = values.get(s.name) if isinstance(s, Node) else None
         if isinstance(s, Node) and f is not None and f != 0 and isinstance(v, torch.Tensor) \
                 and v.dim() >= 3:
-            site.scale = site.scale * f if c.op == "mul" else site.scale / f
+            found.scale = found.scale * f if c.op == "mul" else found.scale / f
             if isinstance(o, Node):
-                site.scale_nodes.append(o)
+                found.scale_nodes.append(o)
             return s
     return x
 
@@ -286,7 +287,7 @@ def _resolve(site: Site, name: str, x: Any, values: dict[str, Any]) -> Any:
         site.skip(f"the {name} argument of scaled_dot_product_attention is computed at run time "
                   f"({x.name}) and its value is unknown here; pass example_inputs")
         return None
-    site.arg_guards.append((x, v, name))
+    site.found.arg_guards.append((x, v, name))
     return v
 
 
@@ -301,18 +302,20 @@ def _match_sdpa(c: COp, gm: GraphModule, values: dict[str, Any], cap_path: str) 
         if len(outs) != 1:
             return None
         out = outs[0]
-    site = Site(module_path=_module_path(cap_path, node), node_name=node.name, pattern="sdpa")
-    site.q, site.k, site.v = c.get("q"), c.get("k"), c.get("v")
-    site.mask = c.get("attn_mask")
+    site = Site(Found(module_path=_module_path(cap_path, node), node_name=node.name,
+                      pattern="sdpa"))
+    f = site.found
+    f.q, f.k, f.v = c.get("q"), c.get("k"), c.get("v")
+    f.mask = c.get("attn_mask")
     args = {n: _resolve(site, n, c.get(n), values) for n in _SDPA_ARGS}
-    site.causal = bool(args["is_causal"])
+    f.causal = bool(args["is_causal"])
     s = args["scale"]
-    site.scale = float(s) if isinstance(s, (int, float)) else None
+    f.scale = float(s) if isinstance(s, (int, float)) else None
     p = args["dropout_p"]
-    site.dropout_p = float(p) if isinstance(p, (int, float)) else 0.0
-    site.output, site.weights = out, []
-    site.scale_nodes, site.softmax_dim, site.qk = [], -1, None
-    site.all_masks = [site.mask] if isinstance(site.mask, Node) else []
+    f.dropout_p = float(p) if isinstance(p, (int, float)) else 0.0
+    f.output, f.weights = out, []
+    f.scale_nodes, f.softmax_dim, f.qk = [], -1, None
+    f.all_masks = [f.mask] if isinstance(f.mask, Node) else []
     if node.target is not None and args["enable_gqa"]:
         site.notes.append("enable_gqa")
     return site
@@ -332,7 +335,7 @@ def find_sites(gm: GraphModule, values: dict[str, Any], cap_path: str) -> list[S
             for o in site.scale_nodes if site is not None else ():  # a forward-argument scale
                 v = values.get(o.name)
                 if isinstance(v, (bool, int, float, torch.SymInt, torch.SymFloat)):
-                    site.arg_guards.append((o, float(v), "scale"))
+                    site.found.arg_guards.append((o, float(v), "scale"))
         elif c.op == "sdpa":
             site = _match_sdpa(c, gm, values, cap_path)
         if site is not None:

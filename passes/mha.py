@@ -18,8 +18,8 @@ from torch import Tensor
 
 from flurka_rewrite.kernels.attention import MASKED_BELOW, FlurkaAttention
 
-from .legality import classify_mask
-from .site import Site
+from .legality import fill_mha
+from .site import Found, Site
 
 
 class FlurkaMultiheadAttention(nn.Module):
@@ -98,25 +98,9 @@ def mha_site(path: str, mha: nn.MultiheadAttention, call: dict[str, Any] | None 
     ``call`` (its arguments by name) the sequence lengths and the mask kind; without a call
     the key padding mask is read at run time. ``weights_read``: the caller uses the attention
     weights (output [1]), so the site is skipped."""
-    s = Site(module_path=path, node_name="mha", pattern="mha")
-    s.heads = s.kv_heads = mha.num_heads
-    s.head_dim = s.v_dim = mha.head_dim
-    s.dm, s.scale, s.dropout_p = mha.embed_dim, mha.head_dim ** -0.5, mha.dropout
-    if call is None:
-        s.mask_kind = "padding"  # key_padding_mask is read at run time (FlurkaMultiheadAttention)
-    else:
-        q, k = call["query"], call["key"]
-        if not mha.batch_first:
-            q, k = q.transpose(0, 1), k.transpose(0, 1)
-        s.batch, s.seq_len, s.kv_seq_len = q.shape[0], q.shape[1], k.shape[1]
-        am = call.get("attn_mask")
-        # a bool mask is True where attention is NOT allowed; a float mask is additive
-        # (nn.Transformer.generate_square_subsequent_mask: 0 and -inf)
-        s.mask_kind = classify_mask(am, am.dtype == torch.bool, bool(call.get("is_causal"))) \
-            if am is not None else ("causal" if call.get("is_causal") else "none")
-        if call.get("key_padding_mask") is not None and s.mask_kind == "none":
-            s.mask_kind = "padding"
-        s.causal = s.mask_kind.startswith("causal")
+    s = Site(Found(module_path=path, node_name="mha", pattern="mha",
+                   scale=mha.head_dim ** -0.5, dropout_p=mha.dropout))
+    fill_mha(s, mha, call)
     if mha.bias_k is not None or mha.add_zero_attn:
         s.skip("nn.MultiheadAttention with add_bias_kv / add_zero_attn is not supported")
     elif s.mask_kind in ("bias", "other"):

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .capture import discover
 from .config import RewriteConfig
+from .legality import set_train_dropout
 from .mha import MHA_ARGS, mha_site, weights_used
 from .static_plan import analyse_static
 from .units import Unit, add_probe, capture, train_dropout
@@ -56,7 +57,7 @@ def analyse(model: nn.Module, example_inputs: Any, cfg: RewriteConfig,
             if u.kind == "graph":
                 for s in u.sites:
                     if s.dropout_p == 0.0:
-                        s.dropout_p = train_dropout(model, s.module_path)
+                        set_train_dropout(s, train_dropout(model, s.module_path))
     order = list(disc.inputs)
     out = sorted(units.values(), key=lambda u: order.index(u.path) if u.path in order else 0)
     i = 0

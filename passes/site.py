@@ -1,12 +1,24 @@
-"""``Site``: one attention site found in a captured graph, with everything the later passes need.
+"""``Site``: one attention site found in a captured graph, and what each pass learnt of it.
 
-The match pass fills the structural fields (which nodes are q, k, v, the mask, the scale, the
-softmax and the output); the legality pass fills ``ok`` / ``reason``; the rewrite pass reads
-the rest. ``filter_fn(path, site)`` receives this object.
+A site is four records, each written by one pass (``tests/test_site_records.py`` checks the
+source for writes from anywhere else):
+
+    found     Found     what the matcher saw in the graph   passes/match.py (graph sites),
+                                                           unmatched.py, mha.py (a module)
+    shapes    Shapes    sizes, layout, mask kind, K/V       passes/legality.py
+                        chains, read from the values
+    decision  Decision  kernel, dk, m, hoisting, FLOPs      passes/decide.py
+    outcome   Outcome   what was built and verified         passes/apply.py
+
+plus the site's identity in the model (``index``, ``calls``: the planner) and its status
+(``ok`` / ``reason``, changed only through ``skip``; notes). Reading ``site.kernel``,
+``site.heads``, ``site.q`` ... gives the newest record's value (outcome, then decision, then
+shapes, then found): ``filter_fn(path, site)`` and the report read a site that way. Assigning
+such a name on the site raises: each value has one writer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from torch.fx import Node
@@ -28,8 +40,9 @@ class KVChain:
 
 
 @dataclass
-class Site:
-    """One attention site: softmax(scale * q k^T + mask) v, an SDPA call, or an MHA module."""
+class Found:
+    """What the matcher found: the nodes of softmax(scale * q k^T + mask) v, an SDPA call, or
+    an ``nn.MultiheadAttention`` module."""
 
     module_path: str  # innermost module whose forward computes the attention
     node_name: str  # softmax / sdpa node (or "mha" for a module-level site)
@@ -38,30 +51,13 @@ class Site:
     k: Node | None = None  # k in (..., M, d) (key transpose stripped when possible)
     k_transposed: bool = False  # k node is (..., d, M): the rewrite inserts a transpose
     v: Node | None = None
-    layout: str = "bhnd"  # "bhnd" (4-D, heads in dim 1) or "flat" (3-D, batch*heads)
-    scale: float | None = None  # total softmax scale (None: 1.0 for graph sites, dh^-1/2 sdpa)
+    scale: float | None = None  # softmax scale as written (None: not in the graph)
     mask: Node | None = None  # mask node passed as attn_mask (bool keep or additive float)
-    mask_rank: int | None = None  # rank of the mask value on the example inputs
     mask_invert: bool = False  # mask node is True where masked (masked_fill): invert it
-    mask_kind: str = "none"  # none | padding | causal | causal+padding | bias | other
-    causal: bool = False
-    dropout_p: float = 0.0
-    heads: int | None = None
-    kv_heads: int | None = None
-    head_dim: int | None = None
-    v_dim: int | None = None
-    batch: int | None = None
-    seq_len: int | None = None
-    kv_seq_len: int | None = None
-    dm: int | None = None
+    causal: bool = False  # is_causal=True (SDPA) or a causal mask built in the graph
+    dropout_p: float = 0.0  # as in the graph (0.0 in an eval capture)
     weights: list[Node] = field(default_factory=list)  # softmax (+cast/dropout) chain
     output: Node | None = None  # the node whose value is the attention output
-    k_chain: KVChain | None = None
-    v_chain: KVChain | None = None
-    k_pre_repeat: Node | None = None  # GQA: k before repeat_kv (kv_heads heads)
-    v_pre_repeat: Node | None = None
-    learned_bias: bool = False
-    # matcher bookkeeping, read by legality and rewrite
     qk: Node | None = None  # the q k^T product (graph sites)
     scale_nodes: list[Node] = field(default_factory=list)  # the nodes that scale the scores
     softmax_dim: int | None = -1
@@ -72,16 +68,44 @@ class Site:
     k_fix: list[tuple] = field(default_factory=list)
     v_fix: list[tuple] = field(default_factory=list)
     out_fix: list[tuple] = field(default_factory=list)
-    escape_output_only: bool = False  # the weights leave the module only through its output
     # (node, value on the example, name): call arguments read from graph values; the rewrite
     # checks at run time that each still has that value (export_capture._guard)
     arg_guards: list[tuple[Node, Any, str]] = field(default_factory=list)
-    ok: bool = True
-    reason: str | None = None
-    notes: list[str] = field(default_factory=list)
-    index: int = 0  # order among all sites of the model (seeds)
-    calls: int = 1
-    # decisions (cost model / rewrite)
+
+
+@dataclass
+class Shapes:
+    """Read from the example values (or statically, or from a module): sizes, layout, the
+    resolved scale, mask kind and causality, GQA, the K/V projection chains."""
+
+    layout: str = "bhnd"  # "bhnd" (4-D, heads in dim 1) or "flat" (3-D, batch*heads)
+    scale: float | None = None  # total softmax scale (resolved: dh^-1/2 where not written)
+    causal: bool = False  # found causal, or a banded causal mask
+    mask_kind: str = "none"  # none | padding | causal | causal+padding | bias | other
+    mask_rank: int | None = None  # rank of the mask value on the example inputs
+    dropout_p: float = 0.0  # training-time attention dropout
+    heads: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    v_dim: int | None = None
+    batch: int | None = None
+    seq_len: int | None = None
+    kv_seq_len: int | None = None
+    dm: int | None = None
+    v_fix: list[tuple] = field(default_factory=list)  # found's, plus the 3-D layout's
+    out_fix: list[tuple] = field(default_factory=list)
+    k_chain: KVChain | None = None
+    v_chain: KVChain | None = None
+    k_pre_repeat: Node | None = None  # GQA: k before repeat_kv (kv_heads heads)
+    v_pre_repeat: Node | None = None
+    learned_bias: bool = False
+    escape_output_only: bool = False  # the weights leave the module only through its output
+
+
+@dataclass
+class Decision:
+    """The choice for the site (kernel / dk / m, hoisting) and its FLOP counts."""
+
     kernel: str | None = None
     dk: int | None = None
     num_features: int | None = None
@@ -89,11 +113,68 @@ class Site:
     hoisted: bool | None = None
     flops_before: int | None = None
     flops_after: int | None = None
+
+
+@dataclass
+class Outcome:
+    """What was built (m as built, parameters added, hoisting as rewritten) and how the
+    translation validation (passes/verify.py) went."""
+
+    num_features: int | None = None
     params_added: int | None = None
+    hoisted: bool | None = None
     rel_error: float | None = None
-    verified: bool | None = None  # translation validation (passes/verify.py); None: not run
+    verified: bool | None = None  # None: not run
     graphs: Any = None  # (before, after) networkx pictures for the report
+
+
+_RECORDS = {"outcome": Outcome, "decision": Decision, "shapes": Shapes, "found": Found}
+_HOLDERS: dict[str, list[str]] = {}  # field name -> the records that declare it, newest first
+_DEFAULT: dict[str, Any] = {}  # field name -> its value before any record has it
+for _rec, _cls in _RECORDS.items():
+    for _f in fields(_cls):
+        _HOLDERS.setdefault(_f.name, []).append(_rec)
+        _DEFAULT.setdefault(_f.name, None if _f.default is MISSING else _f.default)
+_BUILT_OR_DECIDED = {"num_features", "hoisted"}  # None in the outcome: see the decision
+
+
+@dataclass
+class Site:
+    """One attention site: its four records (module docstring), identity and status."""
+
+    found: Found
+    shapes: Shapes | None = None
+    decision: Decision | None = None
+    outcome: Outcome | None = None
+    index: int = 0  # order among all sites of the model (seeds)
+    calls: int = 1
+    ok: bool = True
+    reason: str | None = None
+    notes: list[str] = field(default_factory=list)
     notes_for_report: list[str] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        """A record's field, from the newest record that has it (see the module docstring)."""
+        holders = _HOLDERS.get(name)
+        if holders is None:
+            raise AttributeError(f"Site has no attribute {name!r}")
+        for rec in holders:
+            r = self.__dict__.get(rec)
+            if r is None:
+                continue
+            value = getattr(r, name)
+            if value is None and rec == "outcome" and name in _BUILT_OR_DECIDED:
+                continue
+            return value
+        return _DEFAULT[name]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _HOLDERS:
+            recs = " / ".join(_HOLDERS[name])
+            raise AttributeError(f"Site.{name} belongs to the site's {recs} record "
+                                 f"(passes/site.py): set it on that record, in the pass that "
+                                 "owns it")
+        object.__setattr__(self, name, value)
 
     @property
     def path(self) -> str:

@@ -24,7 +24,7 @@ from torch.fx import GraphModule, Node
 from .canonicalize import canon
 from .config import RewriteConfig
 from .graph_nx import to_digraph
-from .legality import check
+from .legality import check, fill_static, set_train_dropout
 from .match import find_sites
 from .mha import mha_site
 from .site import Site
@@ -126,10 +126,7 @@ def _fill(s: Site, gm: GraphModule) -> None:
     if q is None or k is None or v is None or q[1] != k[1] or q[0] % k[0] or k[0] != v[0]:
         s.skip(SHAPES_UNKNOWN)
         return
-    s.layout, (s.heads, s.head_dim), s.kv_heads, s.v_dim = "bhnd", q, k[0], v[1]
-    if s.scale is None:
-        s.scale = s.head_dim ** -0.5
-    s.mask_kind = ("causal" if s.causal else "none") if s.mask is None else "other"
+    fill_static(s, heads=q[0], head_dim=q[1], kv_heads=k[0], v_dim=v[1])
 
 
 def analyse_static(model: nn.Module, cfg: RewriteConfig) -> list[Unit]:
@@ -153,7 +150,7 @@ def analyse_static(model: nn.Module, cfg: RewriteConfig) -> list[Unit]:
         stub = {s.weights[0].name: torch.empty((0,) * 4)} if s.weights else {}  # rank only
         check(s, gm, stub, g, params, exact, lengths_known=False)
         if getattr(model, "config", None) is not None and s.dropout_p == 0.0:
-            s.dropout_p = train_dropout(model, s.module_path)
+            set_train_dropout(s, train_dropout(model, s.module_path))
     units = [Unit("", model, model, "graph", gm=gm, values={}, sites=sites,
                   how="symbolic_trace (no example inputs)")]
     for path, m in model.named_modules():

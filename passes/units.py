@@ -22,9 +22,10 @@ from flurka_rewrite.kernels.reference import rel_error
 
 from .capture import Discovery, capture_module, values_of
 from .graph_nx import to_digraph
-from .legality import check, fill
+from .legality import check, fill, merge_probe
 from .match import find_sites
 from .site import Site
+from .unmatched import uncaptured_site
 
 MAX_CLIMB = 4  # attention module -> attention -> layer -> encoder
 
@@ -88,10 +89,7 @@ def capture_at(model: nn.Module, path: str, call: tuple[tuple, dict], exact: boo
         cap = capture_module(path, module, args, kwargs, leaves, cache)
         values = values_of(cap)
     except Exception as e:  # noqa: BLE001 - report the site as found but not captured
-        s = Site(module_path=path, node_name="?", pattern="unknown")
-        s.skip(f"could not capture this module ({type(e).__name__}: {str(e)[:200]}); "
-               "attention runs here but neither symbolic_trace nor torch.export traced it")
-        unit.sites = [s]
+        unit.sites = [uncaptured_site(path, e)]
         return unit
     unit.gm, unit.values, unit.how = cap.gm, values, cap.how
     g = to_digraph(cap.gm.graph)
@@ -176,9 +174,8 @@ def add_probe(model: nn.Module, units: list[Unit], probe: Discovery, exact: bool
             a.index, a.calls = s.index, s.calls
             if not a.ok:
                 s.skip(f"with {', '.join(key)} given (padded probe): {a.reason}")
-            elif s.mask_kind == "none":
-                s.mask_kind = a.mask_kind
-                s.causal = s.causal or a.causal
+            else:
+                merge_probe(s, a)
 
 
 _DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "dropout_prob")

@@ -10,7 +10,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .canonicalize import COp, canon
-from .site import Site
+from .site import Found, Site
 
 _SOFTCAP = ("tanh",)
 
@@ -44,8 +44,8 @@ def unmatched_site(c: COp, gm: GraphModule, values: dict[str, Any], module_path:
         frontier = nxt
     if product is None:
         return None
-    site = Site(module_path=module_path, node_name=sm.name,
-                pattern="softmax (not matched)")
+    site = Site(Found(module_path=module_path, node_name=sm.name,
+                      pattern="softmax (not matched)"))
     found = sorted({o for o in ops if o not in ("matmul", "shape", "cast", "getitem")})
     if any(o in _SOFTCAP for o in ops):
         site.skip("logit soft-capping (tanh on the scores) enters the softmax; FLuRKA "
@@ -109,3 +109,11 @@ def _activations(c: COp, values: dict[str, Any]) -> bool:
         return True
     vals = [values.get(o.name) for o in ops]
     return all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in vals)
+
+
+def uncaptured_site(module_path: str, error: BaseException) -> Site:
+    """The skipped site of a module that computes attention but could not be captured."""
+    site = Site(Found(module_path=module_path, node_name="?", pattern="unknown"))
+    return site.skip(f"could not capture this module ({type(error).__name__}: "
+                     f"{str(error)[:200]}); attention runs here but neither symbolic_trace nor "
+                     "torch.export traced it")

@@ -139,6 +139,11 @@ def remap_site(site: Site, env: dict[Node, Node]) -> Site:
     """A copy of ``site`` whose node fields point into the copied graph."""
     new = copy.copy(site)
     for name, val in vars(site).items():
+        if name in ("found", "shapes") and val is not None:  # the records that hold nodes
+            rec = copy.copy(val)
+            for field_name, x in vars(val).items():
+                setattr(rec, field_name, _remap(x, env))
+            val = rec
         setattr(new, name, _remap(val, env))
     return new
 

@@ -128,7 +128,7 @@ def test_wrong_scale_is_caught_and_rolled_back(monkeypatch) -> None:
     def bad_fill(site, gm, values):
         real_fill(site, gm, values)
         if site.node_name.endswith("_1"):
-            site.scale *= 2
+            site.shapes.scale *= 2  # the record legality owns
     monkeypatch.setattr("flurka_rewrite.passes.units.fill", bad_fill)
     m, x = TwoSites().eval(), _x()
     new = fr.convert(m, kernel="softmax", dk=None, example_inputs=(x,))
