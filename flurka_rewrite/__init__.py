@@ -6,11 +6,13 @@
 """
 from .kernels.attention import FlurkaAttention
 from .passes.config import RewriteConfig
-from .convert import AllSitesSkippedWarning, AlreadyConvertedWarning, convert, plan
+from .convert import (AllSitesSkippedWarning, AlreadyConvertedWarning, DkNotBelowLengthWarning,
+                      convert, plan)
 from .report import RewriteReport, SiteReport
 from .onnx_export import export_onnx
 from .loading import load
 from .saving import save
+from .hf import install_from_pretrained_hook
 from .distill import DistillResult, distill
 from .lora import add_lora, flurka_parameters
 
@@ -21,3 +23,6 @@ __all__ = ["FlurkaAttention", "RewriteConfig", "RewriteReport", "SiteReport", "c
 __all__ += ["export_onnx", "load", "save", "distill", "DistillResult", "AllSitesSkippedWarning",
             "AlreadyConvertedWarning"]
 __all__ += ["add_lora", "flurka_parameters"]
+__all__ += ["DkNotBelowLengthWarning"]
+
+install_from_pretrained_hook()  # from_pretrained restores conversions (docs/save_load.md)

@@ -1,8 +1,9 @@
 """``flurka-rewrite``: convert a model file's softmax attention into FLuRKA attention.
 
     flurka-rewrite INPUT -o OUTPUT [--kernel K] [--dk N|auto|none] [--num-features M]
-        [--example-shape B,N] [--report FILE.json|FILE.md] [--dry-run] [--onnx FILE.onnx]
-        [--seed S] [--backend B] [--trust-pickle] [--force] [--demo]
+        [--example-shape B,N] [--max-seq-len N] [--e-init pool|gaussian] [--no-hoist]
+        [--only GLOB] [--skip GLOB] [--report FILE.json|FILE.md] [--dry-run]
+        [--onnx FILE.onnx] [--seed S] [--backend B] [--trust-pickle] [--force] [--demo]
 
 Steps (one progress line each on stderr): load, convert, measure, write. The report table goes
 to stdout. Every error is one line on stderr and a distinct exit code (``EXIT_CODES``).
@@ -21,7 +22,12 @@ from typing import Any, Iterator, NoReturn
 import torch
 
 from flurka_rewrite.passes.config import KERNEL_CHOICES, RewriteConfig
-from flurka_rewrite.example_inputs import example_inputs_for, seq_len_of
+from flurka_rewrite import cli_options
+from flurka_rewrite.convert import DkNotBelowLengthWarning  # (not lazy: the tests swap convert)
+from flurka_rewrite.end_to_end import first_tensor as _first_tensor
+from flurka_rewrite.example_inputs import (
+    default_shape, example_inputs_for, seq_len_of, shape_text,
+)
 from flurka_rewrite.kernels.reference import rel_error
 from flurka_rewrite.io import (
     PROG, CliError, ConversionError, LoadedModel, NoAttentionError, UsageError, _one_line,
@@ -36,7 +42,8 @@ from flurka_rewrite.kernels.dispatch import BACKENDS
 EXIT_CODES = {
     0: "success",
     1: "internal error (a bug: rerun with --debug and report the traceback)",
-    2: "invalid option (--dk 0, --dk larger than the sequence, unknown kernel, ...)",
+    2: "invalid option (--dk 0, a sequence longer than the model allows, unknown kernel, "
+       "...)",
     3: "input missing, unreadable, truncated or corrupt",
     4: "input refused: loading it could run code from the file (a pickled model, or a "
        ".pt2 that is not plain data; see --trust-pickle)",
@@ -86,17 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
                 "attention (low-rank + kernel)\nand report every attention site found.",
                 epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", nargs="?", metavar="INPUT", help="model file or directory")
-    p.add_argument("-o", "--output", metavar="OUTPUT", help="converted model: OUT.pt2 or OUT.pt")
+    p.add_argument("-o", "--output", metavar="OUTPUT",
+                   help="converted model: OUT.pt2, OUT.pt, a directory, or OUT.onnx")
     p.add_argument("--demo", action="store_true",
                    help="use the built-in demo transformer as INPUT (no file, no download)")
     p.add_argument("--kernel", default="auto", metavar="K",
                    help=f"feature map: {', '.join(KERNEL_CHOICES)} (default auto)")
-    p.add_argument("--dk", default="256", metavar="N|auto|none",
-                   help="rank of the sequence projection; none = no low-rank (default 256)")
+    p.add_argument("--dk", default=None, metavar="N|auto|none",
+                   help="rank of the sequence projection; none = no low-rank (default 256, "
+                        "or auto when the example is not longer than 256)")
     p.add_argument("--num-features", type=int, metavar="M", help="performer features m")
     p.add_argument("--example-shape", metavar="B,N",
                    help="example input shape: token ids (B, N) for models with an embedding, "
-                        "floats (B, N, d) for models that start with a Linear")
+                        "floats (B, N, d) for models that start with a Linear (default for "
+                        "a Hugging Face text model: 2, its position limit capped at 512)")
     p.add_argument("--report", metavar="FILE.json|FILE.md", help="also write the report")
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be rewritten; write no model (only --report if given)")
@@ -108,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines or warnings")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    from flurka_rewrite import __version__
+
+    cli_options.add_options(p, __version__)
     return p
 
 
@@ -154,15 +167,15 @@ def _call(model: torch.nn.Module, inputs: Any) -> Any:
         return model(*args, **kwargs)
 
 
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    """The first tensor of a model output (tensor, tuple, dict or Hugging Face ModelOutput)."""
-    leaves = torch.utils._pytree.tree_leaves(out)
-    return next((t for t in leaves if isinstance(t, torch.Tensor)), None)
-
-
 def end_to_end_error(original: torch.nn.Module, converted: torch.nn.Module,
                      inputs: Any) -> float | None:
-    """||y' - y|| / ||y|| of the models' first output tensor on ``inputs``."""
+    """||y' - y|| / ||y|| of the models' first output tensor on ``inputs``: the number
+    ``convert`` measured on these inputs (``report.end_to_end_error``), else measured here
+    (an error when the converted model fails on them)."""
+    report = getattr(converted, "flurka_report", None)
+    if getattr(report, "end_to_end_error", None) is not None and \
+            getattr(converted, "flurka_example_inputs", None) is inputs:
+        return report.end_to_end_error
     ref, out = _first_tensor(_call(original, inputs)), _first_tensor(_call(converted, inputs))
     if ref is None or out is None or ref.shape != out.shape:
         return None
@@ -184,14 +197,16 @@ def _validate(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
         raise UsageError("give exactly one of INPUT or --demo")
     if not args.output and not args.dry_run:
         raise UsageError("-o OUTPUT is required (or --dry-run)")
-    options = dict(kernel=args.kernel, dk=parse_dk(args.dk), num_features=args.num_features,
-                   backend=args.backend, seed=args.seed)
+    options = dict(kernel=args.kernel, dk=cli_options.DEFAULT_DK if args.dk is None
+                   else parse_dk(args.dk), num_features=args.num_features,
+                   backend=args.backend, seed=args.seed, **cli_options.extra_options(args))
     try:
         RewriteConfig(**options)
     except ValueError as e:
         raise UsageError(f"invalid option: {e}") from e
     sources = [] if args.demo else [args.input]
-    outputs = [(args.output, (*FILE_SUFFIXES, "dir")) if args.output and not args.dry_run
+    outputs = [(args.output, (*FILE_SUFFIXES, ".onnx", "dir"))
+               if args.output and not args.dry_run
                else None, (args.report, (".json", ".md")) if args.report else None,
                (args.onnx, (".onnx",)) if args.onnx and not args.dry_run else None]
     kinds = []
@@ -206,23 +221,29 @@ def _validate(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
                 raise UsageError(f"outputs {other!r} and {path!r} are the same path or one "
                                  "lies inside the other; give each output its own path")
         kinds.append(check_output(path, sources, args.force, suffixes))
+    if kinds[0] == ".onnx" and args.onnx:
+        raise UsageError(f"-o {args.output} already writes ONNX; drop --onnx {args.onnx} (or "
+                         "give -o a .pt2, .pt or directory output beside --onnx)")
     return options, kinds[0]
 
 
-def _compile(loaded: LoadedModel, inputs: Any, options: dict[str, Any], dry_run: bool
-             ) -> tuple[Any, torch.nn.Module | None]:
-    """plan (dry run) or convert; the compiler's failures mapped onto CLI errors."""
+def _compile(loaded: LoadedModel, inputs: Any, options: dict[str, Any], dry_run: bool,
+             quiet: bool = False) -> tuple[Any, torch.nn.Module | None]:
+    """plan (dry run) or convert; the compiler's failures mapped onto CLI errors, its
+    ``DkNotBelowLengthWarning`` printed as a warning line."""
     from flurka_rewrite.convert import convert, plan
 
     name = type(loaded.module).__name__
     try:
-        if dry_run:
-            report, new_model = plan(loaded.module, example_inputs=inputs, **options), None
-        else:
-            with warnings.catch_warnings():  # the CLI says it itself, as its one error line
-                warnings.filterwarnings("ignore", message="convert: all .* were skipped")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DkNotBelowLengthWarning)
+            # the CLI says it itself, as its one error line
+            warnings.filterwarnings("ignore", message="convert: all .* were skipped")
+            if dry_run:
+                report, new_model = plan(loaded.module, example_inputs=inputs, **options), None
+            else:
                 new_model = convert(loaded.module, example_inputs=inputs, **options)
-            report = new_model.flurka_report
+                report = new_model.flurka_report
     except CliError:
         raise
     except ValueError as e:
@@ -230,6 +251,12 @@ def _compile(loaded: LoadedModel, inputs: Any, options: dict[str, Any], dry_run:
     except Exception as e:
         raise ConversionError(f"conversion of {name} failed: {type(e).__name__}: "
                               f"{_one_line(e)}") from e
+    for w in caught:  # the compiler's warnings, after it: dk ones as the CLI's own lines
+        if issubclass(w.category, DkNotBelowLengthWarning):
+            if not quiet:
+                _say(f"{PROG}: warning: {w.message}", sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if not report.sites:
         from flurka_rewrite.kernels.attention import FlurkaAttention
         if any(isinstance(m, FlurkaAttention) for m in loaded.module.modules()):
@@ -249,21 +276,25 @@ def run(args: argparse.Namespace) -> int:
     progress = _Progress(3 if args.dry_run else 4, args.quiet)
     progress.step(f"loading {'the demo model' if args.demo else repr(args.input)}")
     loaded = _load(args)
-    inputs = example_inputs_for(loaded, shape, seed=args.seed)
-    n, dk = seq_len_of(inputs), options["dk"]
-    if isinstance(dk, int) and n is not None and dk > n:
-        raise UsageError(f"--dk {dk} is larger than the sequence length {n} of the example "
-                         f"inputs; choose --dk <= {n} or a longer --example-shape")
+    inputs = example_inputs_for(loaded, shape or default_shape(loaded), seed=args.seed)
+    options["dk"], note = cli_options.resolve_default_dk(options["dk"], args.dk is not None,
+                                                         seq_len_of(inputs))
+    shown = f"example {shape_text(inputs)}, " if inputs is not None else ""
     progress.step(f"{'planning' if args.dry_run else 'converting'} "
-                  f"{type(loaded.module).__name__} (kernel={args.kernel}, dk={args.dk})")
-    report, new_model = _compile(loaded, inputs, options, args.dry_run)
+                  f"{type(loaded.module).__name__} ({shown}kernel={args.kernel}, "
+                  f"dk={options['dk'] if options['dk'] is not None else 'none'}"
+                  f"{'; ' + note if note else ''})")
+    report, new_model = _compile(loaded, inputs, options, args.dry_run, args.quiet)
     if new_model is not None and not report.rewritten:
         _say(str(report))  # the reasons, one per site
         raise ConversionError(
             f"all {len(report.sites)} attention sites were skipped (the reasons are in the "
             "report printed on stdout), so nothing was written"
             + ("; most often the fix is example inputs: pass --example-shape B,N"
-               if inputs is None else ""))
+               if inputs is None else "")
+            + ("; no site's module path matched --only / was left by --skip"
+               if (args.only or args.skip) and all(
+                   s.reason == "excluded by filter_fn" for s in report.sites) else ""))
     err = None
     if new_model is not None:
         if inputs is not None:
@@ -276,27 +307,30 @@ def run(args: argparse.Namespace) -> int:
         else:
             progress.step("not measured: no example inputs (pass --example-shape B,N to "
                           "measure the converted model's error)")
-    measured = None if err is None else (
-        f"end-to-end: relative error of the model output on the example inputs = {err:.3e}")
-    _say(str(report) if measured is None else f"{report}\n{measured}")
+    report.end_to_end_error = err if err is not None else report.end_to_end_error
+    _say(str(report))  # ends with the end-to-end error and "what next"
     if args.report:
         write_text(args.report, report.to_json() if args.report.lower().endswith(".json")
-                    else report.to_markdown() + (f"\n{measured}\n" if measured else ""),
-                    args.force)
+                   else report.to_markdown(), args.force)
     if new_model is None:
         return 0
     progress.step(f"writing {args.output!r}")
-    write_model(new_model, out_kind, args.output, inputs, args.force)
-    if args.onnx:
+    onnx_path = args.output if out_kind == ".onnx" else args.onnx
+    if out_kind != ".onnx":
+        write_model(new_model, out_kind, args.output, inputs, args.force)
+    if onnx_path:
+        if inputs is None:
+            raise ConversionError("ONNX export needs example inputs: pass --example-shape B,N")
         try:
-            with publishing(args.onnx):
-                fr.export_onnx(new_model, inputs, args.onnx)  # writes atomically itself
+            with publishing(onnx_path):
+                fr.export_onnx(new_model, inputs, onnx_path)  # writes atomically itself
         except CliError:
             raise
         except Exception as e:
             raise ConversionError(f"ONNX export failed: {_one_line(e)}") from e
     if not args.quiet:
-        _say(f"{PROG}: wrote {args.output}" + (f" and {args.onnx}" if args.onnx else ""),
+        _say(f"{PROG}: wrote {args.output}" + (f" and {args.onnx}" if args.onnx and
+                                                 onnx_path != args.output else ""),
              sys.stderr)
     return 0
 

@@ -32,6 +32,8 @@ from flurka_rewrite.passes.probe import (
     batch_of, capture_example, check_runs, example_or_dummy, padded_probe,
 )
 from flurka_rewrite.report import RewriteReport, report_of
+from flurka_rewrite.hf_record import record_conversion, tokenizer_example
+from flurka_rewrite.end_to_end import first_output, measured_error
 
 
 class AlreadyConvertedWarning(UserWarning):
@@ -43,6 +45,11 @@ class AllSitesSkippedWarning(UserWarning):
     original attention. The report's ``reason`` column says why for each site."""
 
 
+class DkNotBelowLengthWarning(UserWarning):
+    """A rewritten site got a ``dk`` that is not below its key sequence length on the example
+    inputs: the low-rank projection then saves nothing and costs more FLOPs than without it."""
+
+
 _OPTION_NAMES = ("kernel", "dk", "num_features", "backend", "seed", "filter_fn", "inplace",
                  "e_init", "max_seq_len", "hoist")
 
@@ -50,7 +57,7 @@ _OPTION_NAMES = ("kernel", "dk", "num_features", "backend", "seed", "filter_fn",
 def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
          ) -> tuple[nn.Module, RewriteReport]:
     """The pipeline: analyse -> decide -> (build, verify, install) -> report."""
-    ex = example_or_dummy(model, example_inputs)
+    ex = _inputs(model, example_inputs)
     if any(isinstance(m, FlurkaAttention) for m in model.modules()):
         warnings.warn(f"{type(model).__name__} already holds FlurkaAttention modules (it was "
                       "converted before); its rewritten sites are not attention sites any more "
@@ -65,6 +72,7 @@ def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
         # a batch of one is captured as two: decide counts the FLOPs of one
         repeated = 2 if cap is not None and batch_of(cap) == 2 * batch_of(ex) else 1
         decide(target, sites, cfg, repeated)
+        warn_dk_not_below_length(sites)
         if build:
             apply_all(units, cfg, verify=cap is not None)  # build, verify, install
         if cap is None:
@@ -77,7 +85,34 @@ def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
         target.flurka_report = report
         if ex is not None:
             target.flurka_example_inputs = ex
+        record_conversion(target, report, ex)  # config.flurka, for save_pretrained
     return target, report
+
+
+def _inputs(model: nn.Module, example_inputs: Any) -> Any:
+    """The user's inputs, else a Hugging Face model's ``dummy_inputs``, else (a
+    sentence-transformers model) two sentences from its own tokenizer, else None."""
+    ex = example_or_dummy(model, example_inputs)
+    return tokenizer_example(model) if ex is None else ex
+
+
+def warn_dk_not_below_length(sites: list, stacklevel: int = 4) -> None:
+    """``DkNotBelowLengthWarning`` when rewritten sites have an int ``dk >= M`` (their key
+    length on the example inputs), one warning per (dk, M); reads ``site.ok``, ``site.dk``,
+    ``site.kv_seq_len`` (else ``site.seq_len``) and ``site.path`` only."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for s in sites:
+        n = s.kv_seq_len if s.kv_seq_len is not None else s.seq_len
+        if s.ok and isinstance(s.dk, int) and n is not None and s.dk >= n:
+            groups.setdefault((s.dk, n), []).append(s.path)
+    for (dk, n), paths in groups.items():
+        where = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        warnings.warn(
+            f"dk={dk} is not below the sequence length {n} of the example inputs at "
+            f"{len(paths)} site{'s' if len(paths) != 1 else ''} ({where}): the low-rank "
+            f"projection saves nothing there and adds FLOPs; pass dk < {n}, dk='auto' or "
+            "dk=None (CLI: --dk), or longer example inputs (CLI: --example-shape B,N)",
+            DkNotBelowLengthWarning, stacklevel=stacklevel)
 
 
 def convert(
@@ -98,13 +133,19 @@ def convert(
     Returns the rewritten model (a deep copy unless ``inplace=True``; same class) with
     ``.flurka_report`` (a ``RewriteReport``: one row per site found, rewritten or skipped).
     Extra options: ``e_init`` ("pool" | "gaussian"), ``max_seq_len``, ``hoist`` (see
-    ``RewriteConfig``)."""
+    ``RewriteConfig``). With example inputs (or a model's ``dummy_inputs``) the report's
+    ``end_to_end_error`` is the whole model's error on them; an int ``dk`` not below a
+    site's sequence length warns ``DkNotBelowLengthWarning``."""
     cfg = RewriteConfig(kernel=kernel, dk=dk, num_features=num_features, backend=backend,
                         seed=seed, filter_fn=filter_fn, inplace=inplace, **options)
+    before = first_output(model, _inputs(model, example_inputs))  # before an inplace rewrite
     new, report = _run(model, cfg, example_inputs, build=True)
+    if report.rewritten:
+        report.end_to_end_error = measured_error(new, getattr(new, "flurka_example_inputs", None),
+                                                   before)
     if report.sites and not report.rewritten:
         hint = (" (most often: pass example_inputs)"
-                if example_or_dummy(model, example_inputs) is None else "")
+                if _inputs(model, example_inputs) is None else "")
         warnings.warn(f"convert: all {len(report.sites)} attention sites of "
                       f"{report.model} were skipped, so the returned model computes the "
                       f"original attention; print(model.flurka_report) for the reasons{hint}",

@@ -1,5 +1,6 @@
 """Example inputs for the CLI's conversion: from ``--example-shape B,N``, the inputs a
-``.pt2`` recorded, or a Hugging Face model's ``dummy_inputs``."""
+``.pt2`` recorded, a shape chosen for a Hugging Face text model (``default_shape``), or its
+``dummy_inputs``."""
 from __future__ import annotations
 
 from typing import Any
@@ -34,6 +35,26 @@ def _first_layer(module: nn.Module) -> nn.Module | None:
         if any(True for _ in m.parameters(recurse=False)):
             return m
     return None
+
+
+# The CLI's own example for a Hugging Face text model: batch 2, the model's position limit
+# capped at this length (the compiler's padded probe then pads the last row).
+DEFAULT_BATCH, DEFAULT_MAX_LEN = 2, 512
+
+
+def default_shape(loaded: LoadedModel) -> tuple[int, int] | None:
+    """(B, N) for a Hugging Face model that takes token ids: batch 2 and its position limit
+    (``max_position_embeddings`` and the like) capped at 512, or 512 when it states none;
+    None for other inputs (a ``.pt2``'s recorded inputs, images: ``dummy_inputs``)."""
+    config, model = loaded.hf_config, loaded.module
+    if config is None or getattr(model, "main_input_name", "input_ids") != "input_ids":
+        return None
+    if not (getattr(config, "vocab_size", None) or _embedding_vocab(model)):
+        return None
+    from flurka_rewrite.passes.probe import position_limit
+
+    limit = position_limit(model)
+    return DEFAULT_BATCH, min(limit[0] if limit else DEFAULT_MAX_LEN, DEFAULT_MAX_LEN)
 
 
 def example_inputs_for(loaded: LoadedModel, shape: tuple[int, int] | None,
@@ -118,3 +139,10 @@ def seq_len_of(inputs: tuple[Any, ...] | dict[str, Any] | None) -> int | None:
         if isinstance(t, torch.Tensor) and t.dim() >= 2:
             return int(t.shape[1])
     return None
+
+
+def shape_text(inputs: tuple[Any, ...] | dict[str, Any]) -> str:
+    """'2x512': (B, N) of the first 2-D-or-more tensor among the example inputs."""
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    t = next((v for v in values if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+    return "x".join(str(d) for d in t.shape[:2]) if t is not None else "given"

@@ -256,6 +256,15 @@ def load(directory: str | os.PathLike, *, base_model: nn.Module | None = None,
     from flurka_rewrite.recipe_check import check_recipe
 
     directory = os.fspath(directory)
+    if os.path.isdir(directory) and not os.path.exists(os.path.join(directory, RECIPE_FILE)):
+        from flurka_rewrite.hf_record import load_pretrained, read_config
+
+        config = read_config(directory)  # a save_pretrained directory (docs/save_load.md)
+        if config is not None:
+            if base_model is not None:
+                raise ValueError("base_model= is for fr.save directories; a Hugging Face "
+                                 "save_pretrained directory is rebuilt from its config.json")
+            return load_pretrained(directory, config, device=device)
     recipe = read_recipe(directory)
     stored = _load_weights(directory, recipe)
     check_recipe(recipe, stored, rebuild_base=base_model is None)  # before anything is built

@@ -19,7 +19,9 @@ Dynamic axes (``Dim.AUTO``, so a model that needs a fixed size keeps it instead 
 axis 0 of every tensor input (batch) when ``dynamic_batch``; when ``dynamic_seq``, axis 1 of
 2-D inputs (token ids, masks) and of 3-D float inputs (embeddings), and the trailing axes of
 3-/4-D masks whose size is one of those sequence lengths. Images keep their size.
-``OnnxExport.dynamic_axes`` says which axes really stayed dynamic.
+``OnnxExport.dynamic_axes`` says which axes really stayed dynamic. Their ONNX names are
+``batch_size`` and ``sequence_length``, shared by the inputs that share the size
+(``onnx_axes.py``; ``OnnxExport.axis_names``).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from torch.utils import _pytree as pytree
 from flurka_rewrite.passes.atomic import atomic_write
 from flurka_rewrite.passes.export_capture import quiet_loggers
 from flurka_rewrite.kernels.attention import FlurkaAttention
+from flurka_rewrite.onnx_axes import name_dynamic_axes
 
 # ONNX's own limit for one protobuf file; bigger models store their weights beside it.
 _PROTOBUF_LIMIT = 2 * 1024**3 - 1
@@ -59,6 +62,8 @@ class OnnxExport:
     dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
     max_seq_len: int | None = None
     opset: int | None = None
+    # input name -> {axis: its name in the ONNX graph}: "batch_size", "sequence_length"
+    axis_names: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
 # -- inputs and outputs ------------------------------------------------------------------
@@ -261,6 +266,8 @@ def export_onnx(
         dyn = _dynamic_spec(tensors, dynamic_seq, dynamic_batch)
         program = _torch_onnx_export(wrapper, tuple(tensors), dyn, input_names, output_names,
                                      opset)
+    axis_names = name_dynamic_axes(program.model, {n: (tuple(t.shape), d) for n, t, d in
+                                                   zip(input_names, tensors, dyn)})
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     big = program.model_proto.ByteSize() > _PROTOBUF_LIMIT if _small_enough(model_fp32) else True
@@ -278,7 +285,7 @@ def export_onnx(
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return OnnxExport(path=path, input_names=input_names, output_names=output_names,
                       dynamic_axes=_graph_dynamic_axes(proto), max_seq_len=_max_seq_len(model),
-                      opset=opset_used)
+                      opset=opset_used, axis_names=axis_names)
 
 
 def _parameters(model: nn.Module) -> set[str]:

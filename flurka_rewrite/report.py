@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable
 
 from flurka_rewrite.passes.graph_nx import digraph_from_fx  # noqa: F401 - re-exported
+from flurka_rewrite.report_next import md_code, end_to_end_line, what_next
 
 # Mermaid pictures of bigger regions are cut to this many nodes (a note says so).
 MAX_MERMAID_NODES = 80
@@ -64,6 +65,12 @@ class RewriteReport:
     sites: list[SiteReport] = field(default_factory=list)
     model: str | None = None  # class name of the converted model
     config: dict[str, Any] = field(default_factory=dict)  # the options used (JSON-able)
+    # ||y' - y|| / ||y|| of the whole model's first output on the example inputs, measured by
+    # convert (None: plan, no example inputs, or nothing rewritten)
+    end_to_end_error: float | None = None
+    # the longest key sequence the rewritten low-rank sites accept (the smallest of theirs;
+    # None: no rewritten site has a dk, the rewrite sets no limit)
+    max_seq_len: int | None = None
     # site path -> (before, after) networkx.DiGraph for the Markdown pictures; not serialized.
     graphs: dict[str, tuple[Any, Any]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -78,7 +85,8 @@ class RewriteReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-able)."""
         return {"model": self.model, "config": self.config,
-                "sites": [asdict(s) for s in self.sites]}
+                "sites": [asdict(s) for s in self.sites],
+                "end_to_end_error": self.end_to_end_error, "max_seq_len": self.max_seq_len}
 
     def to_json(self, indent: int = 2) -> str:
         """The report as JSON text."""
@@ -89,7 +97,8 @@ class RewriteReport:
         """Inverse of ``to_dict``."""
         names = {f.name for f in fields(SiteReport)}
         sites = [SiteReport(**{k: v for k, v in s.items() if k in names}) for s in d["sites"]]
-        return cls(sites=sites, model=d.get("model"), config=d.get("config", {}))
+        return cls(sites=sites, model=d.get("model"), config=d.get("config", {}),
+                   end_to_end_error=d.get("end_to_end_error"), max_seq_len=d.get("max_seq_len"))
 
     # -- rendering -----------------------------------------------------------------------
     def summary(self) -> str:
@@ -119,6 +128,14 @@ class RewriteReport:
         for i, note in enumerate(notes, 1):
             lines.extend(textwrap.wrap(note, width=100, initial_indent=f"[{i}] ",
                                        subsequent_indent=" " * (len(str(i)) + 3)))
+        if self.end_to_end_error is not None:
+            lines.append(end_to_end_line(self.end_to_end_error))
+        steps = what_next(self)
+        if steps:
+            lines.append("what next:")
+            for step in steps:
+                lines.extend(textwrap.wrap(step, width=100, initial_indent="  - ",
+                                           subsequent_indent="    "))
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -129,6 +146,11 @@ class RewriteReport:
             out.append("Options: " + ", ".join(f"`{k}={v}`" for k, v in self.config.items()
                                                if v is not None))
             out.append("")
+        if self.end_to_end_error is not None:
+            out += [end_to_end_line(self.end_to_end_error), ""]
+        if self.max_seq_len is not None:
+            out += [f"Longest key sequence the low-rank sites accept (max_seq_len): "
+                    f"{self.max_seq_len}", ""]
         if not self.sites:
             out.append("No attention sites were found.")
             return "\n".join(out) + "\n"
@@ -146,6 +168,9 @@ class RewriteReport:
                 out += ["After:", "", "```mermaid", to_mermaid(after), "```"]
             else:
                 out.append("Left as it is.")
+        steps = what_next(self)
+        if steps:
+            out += ["", "## What next", ""] + [f"- {md_code(step)}" for step in steps]
         return "\n".join(out) + "\n"
 
 
@@ -316,6 +341,9 @@ def report_of(sites: list, model_name: str, cfg: Any) -> "RewriteReport":
     options (``RewriteConfig``) and the before/after pictures of the rewritten sites."""
     report = RewriteReport(sites=[_row(s) for s in sorted(sites, key=lambda s: s.index)],
                            model=model_name, config=_config_dict(cfg))
+    limits = [getattr(s, "max_seq_len", None) for s in sites if s.ok and s.dk is not None]
+    limits = [n for n in limits if isinstance(n, int)]
+    report.max_seq_len = min(limits) if limits else None
     for s in sites:
         if s.ok and s.graphs and all(x is not None for x in s.graphs):
             report.graphs[s.path] = s.graphs

@@ -4,8 +4,13 @@ fields and ``RecipeError``; shared by the writer (saving.py) and the checker
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
+import torch
 import torch.nn as nn
+from torch import Tensor
+
+from flurka_rewrite.kernels.attention import FlurkaAttention
 
 RECIPE_FILE = "recipe.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -40,3 +45,49 @@ def sha256_of(path: str) -> str:
 
 def base_class(model: nn.Module) -> type:
     return getattr(type(model), "_flurka_base", type(model))
+
+
+# -- shared by saving.py and hf_record.py --------------------------------------------------
+def _describe_inputs(example: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """JSON structure of the example inputs and their tensors (keys "0", "1", ... or names)."""
+    if isinstance(example, Tensor):
+        example = (example,)
+    if isinstance(example, dict):
+        kind, items = "kwargs", list(example.items())
+    elif isinstance(example, (tuple, list)):
+        kind, items = "args", [(str(i), v) for i, v in enumerate(example)]
+    else:
+        raise TypeError(f"example_inputs must be a tensor, a tuple or a dict; got "
+                        f"{type(example).__name__}")
+    spec, tensors = [], {}
+    for key, value in items:
+        if isinstance(value, Tensor):
+            tensors[key] = value.detach().cpu().contiguous()
+            spec.append({"key": key, "shape": list(value.shape),
+                         "dtype": str(value.dtype).removeprefix("torch.")})
+        elif isinstance(value, _PRIMITIVES):
+            spec.append({"key": key, "value": value})
+        else:
+            raise TypeError(f"example input {key!r} is a {type(value).__name__}; save() can "
+                            "record tensors and None/bool/int/float/str values only")
+    return {"kind": kind, "items": spec}, tensors
+
+
+def _module_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, FlurkaAttention):
+            s = {k: getattr(m, k) for k in FIXED + SETTABLE}
+            fm = m.feature_map
+            s["feature_map"] = None if fm is None else {
+                k: getattr(fm, k) for k in FEATURE_SETTABLE if hasattr(fm, k)}
+            out[path] = s
+    return out
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return repr(obj)  # e.g. a callable in a config: informative only

@@ -33,41 +33,17 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from flurka_rewrite.kernels.attention import FlurkaAttention
 from flurka_rewrite.passes.atomic import atomic_dir, write_bytes
+from flurka_rewrite.hf_record import CONFIG_FILE, SECTION, config_json
 from flurka_rewrite.loading import load, read_recipe  # noqa: F401 - the API's other half
 from flurka_rewrite.save_format import (  # noqa: F401 - re-exported names of the format
     DECISION_FIELDS, FEATURE_SETTABLE, FILTERED, FIXED, FORMAT, FORMAT_VERSION, INPUTS_FILE,
-    RECIPE_FILE, SETTABLE, WEIGHTS_FILE, _PRIMITIVES, RecipeError, base_class, sha256_of,
+    RECIPE_FILE, SETTABLE, WEIGHTS_FILE, _PRIMITIVES, RecipeError, _describe_inputs,
+    _json_default, _module_settings, base_class, sha256_of,
 )
 
 
 # -- save --------------------------------------------------------------------------------
-def _describe_inputs(example: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """JSON structure of the example inputs and their tensors (keys "0", "1", ... or names)."""
-    if isinstance(example, Tensor):
-        example = (example,)
-    if isinstance(example, dict):
-        kind, items = "kwargs", list(example.items())
-    elif isinstance(example, (tuple, list)):
-        kind, items = "args", [(str(i), v) for i, v in enumerate(example)]
-    else:
-        raise TypeError(f"example_inputs must be a tensor, a tuple or a dict; got "
-                        f"{type(example).__name__}")
-    spec, tensors = [], {}
-    for key, value in items:
-        if isinstance(value, Tensor):
-            tensors[key] = value.detach().cpu().contiguous()
-            spec.append({"key": key, "shape": list(value.shape),
-                         "dtype": str(value.dtype).removeprefix("torch.")})
-        elif isinstance(value, _PRIMITIVES):
-            spec.append({"key": key, "value": value})
-        else:
-            raise TypeError(f"example input {key!r} is a {type(value).__name__}; save() can "
-                            "record tensors and None/bool/int/float/str values only")
-    return {"kind": kind, "items": spec}, tensors
-
-
 def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors to write (one per memory view) and aliases {name: stored name}: safetensors
     refuses shared memory (tied weights); partly overlapping views are copied."""
@@ -97,7 +73,9 @@ def _base_recipe(model: nn.Module) -> dict[str, Any]:
         import transformers
 
         entry.update(kind="huggingface", config_class=type(config).__name__,
-                     model_type=getattr(config, "model_type", None), config=config.to_dict(),
+                     model_type=getattr(config, "model_type", None),
+                     config={k: v for k, v in config.to_dict().items()
+                             if k != SECTION},  # the unconverted model's config
                      attn_implementation=getattr(config, "_attn_implementation", None),
                      transformers_version=transformers.__version__)
     else:
@@ -105,27 +83,7 @@ def _base_recipe(model: nn.Module) -> dict[str, Any]:
     return entry
 
 
-def _module_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
-    out = {}
-    for path, m in model.named_modules():
-        if isinstance(m, FlurkaAttention):
-            s = {k: getattr(m, k) for k in FIXED + SETTABLE}
-            fm = m.feature_map
-            s["feature_map"] = None if fm is None else {
-                k: getattr(fm, k) for k in FEATURE_SETTABLE if hasattr(fm, k)}
-            out[path] = s
-    return out
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.dtype):
-        return str(obj).removeprefix("torch.")
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return repr(obj)  # e.g. a callable in a config: informative only
-
-
-SAVE_FILES = (RECIPE_FILE, WEIGHTS_FILE, INPUTS_FILE)
+SAVE_FILES = (RECIPE_FILE, WEIGHTS_FILE, INPUTS_FILE, CONFIG_FILE)
 
 
 def foreign_files(directory: str) -> list[str] | None:
@@ -199,6 +157,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, example_inputs: Any 
         write_bytes(os.path.join(tmp, WEIGHTS_FILE), to_bytes(weights, metadata={"format": "pt"}))
         write_bytes(os.path.join(tmp, INPUTS_FILE),
                     to_bytes(input_tensors, metadata={"format": "pt"}))
+        hf_config = config_json(model)  # a Hugging Face model: from_pretrained opens it too
+        if hf_config is not None:
+            write_bytes(os.path.join(tmp, CONFIG_FILE), hf_config.encode("utf-8"))
         recipe = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "library_version": __version__, "torch_version": torch.__version__,

@@ -238,3 +238,28 @@ def test_converted_hf_model_onnx_matches_pytorch(name, tmp_path):
             assert_matches(g, ref[out_name], f"{name} {out_name} at input shape {shape}")
     if second is not None:
         assert info.dynamic_axes == {k: [1] for k in inputs}, info.dynamic_axes
+
+
+def test_dynamic_axes_are_named_and_shared_across_inputs(tmp_path):
+    """Every input's batch axis is `batch_size` and its sequence axis `sequence_length` in the
+    ONNX file (read back with onnx.load): input_ids and attention_mask share both names, and
+    the outputs use the same ones; the file still runs at another batch and length."""
+    tf = pytest.importorskip("transformers")
+    cfg = tf.BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=1,
+                        num_attention_heads=3, intermediate_size=64, max_position_embeddings=40)
+    model = tf.BertModel._from_config(cfg, attn_implementation="sdpa").eval()
+    inputs = _text(120, 2, 13, 0, 1)
+    new = fr.convert(model, example_inputs=inputs, kernel="performer", dk=8)
+    path = str(tmp_path / "bert.onnx")
+    info = fr.export_onnx(new, inputs, path)
+    proto = onnx.load(path)
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (*proto.graph.input, *proto.graph.output)}
+    assert dims["input_ids"] == dims["attention_mask"] == ["batch_size", "sequence_length"]
+    assert dims["last_hidden_state"] == ["batch_size", "sequence_length", 48]
+    assert info.axis_names["attention_mask"] == {0: "batch_size", 1: "sequence_length"}
+    feed = _text(120, 3, 9, 1, 2)
+    with torch.no_grad():
+        ref = new(**feed)
+    got = _session(path).run(None, {k: v.numpy() for k, v in feed.items()})
+    assert_matches(got[0], ref["last_hidden_state"], "bert at input shape (3, 9)")

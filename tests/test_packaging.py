@@ -43,3 +43,24 @@ def test_package_layout_imports(tmp_path):
         assert res[name].startswith("ImportError"), (
             f"`import {name}` from {tmp_path} gave {res[name]!r}; the bare name must not import")
     assert res["cuda"] is False, "the probe ran with no GPU visible"  # import works without CUDA
+
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def test_package_is_marked_typed():
+    """PEP 561: flurka_rewrite/py.typed exists and pyproject.toml ships it as package data."""
+    import tomllib
+
+    assert os.path.isfile(os.path.join(ROOT, "flurka_rewrite", "py.typed"))
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["flurka_rewrite"]
+
+
+def test_readme_says_how_to_install_torch_cpu_only_without_make():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme[readme.index("### Without make"):]
+    section = section[:section.index("\n#")]
+    assert "CPU-only build" in section and "pip install -e '.[dev]'" in section
+    assert "://" not in section  # no host names: the reader follows pytorch's install page

@@ -38,10 +38,13 @@ def make_report() -> RewriteReport:
 
 
 def table_rows(text: str) -> list[str]:
-    """The data rows of the terminal table (between the dashed rule and the notes)."""
+    """The data rows of the terminal table (between the dashed rule and the notes; the
+    end-to-end line and "what next" follow the notes)."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("---")) + 1
-    return [line for line in lines[start:] if line and not line.startswith("[")]
+    end = next((i for i, line in enumerate(lines)
+                if line.startswith(("end-to-end:", "what next:"))), len(lines))
+    return [line for line in lines[start:end] if line and not line.startswith("[")]
 
 
 def test_terminal_table_has_one_row_per_site_and_all_columns() -> None:
@@ -94,7 +97,7 @@ def test_json_round_trip_via_from_dict() -> None:
     contract = [f.name for f in fields(SiteReport)]
     for site in data["sites"]:
         assert list(site) == contract  # exactly the contract fields, graphs not serialized
-    assert set(data) == {"model", "config", "sites"}
+    assert set(data) == {"model", "config", "sites", "end_to_end_error", "max_seq_len"}
     back = RewriteReport.from_dict(data)
     assert back == report  # graphs do not take part in equality
     assert back.sites[0].rel_error == 0.0123  # floats survive JSON exactly
@@ -149,3 +152,51 @@ def test_mermaid_of_exported_graph_uses_short_aten_names() -> None:
     ep = torch.export.export(fx.symbolic_trace(attention), qkv)
     text = to_mermaid(digraph_from_fx(ep.graph.nodes))
     assert '["softmax"]' in text and "aten" not in text and ".default" not in text
+
+
+# -- what next, end-to-end error, max_seq_len (issue 17) -------------------------------------
+def guided_report() -> RewriteReport:
+    report = make_report()
+    report.sites[0].rel_error, report.sites[0].params_added = 0.85, 64_000
+    report.end_to_end_error, report.max_seq_len = 0.2633, 512
+    return report
+
+
+def test_new_report_fields_round_trip_through_json() -> None:
+    report = guided_report()
+    data = json.loads(report.to_json())
+    assert data["end_to_end_error"] == 0.2633 and data["max_seq_len"] == 512
+    assert RewriteReport.from_dict(data) == report
+    old = {"model": "M", "config": {}, "sites": []}  # a report written before these fields
+    assert RewriteReport.from_dict(old).end_to_end_error is None
+
+
+def test_terminal_report_ends_with_what_next() -> None:
+    text = str(guided_report())
+    head, tail = text.split("\nwhat next:\n")
+    assert "end-to-end: relative error of the model output on the example inputs = 2.633e-01" \
+        in head
+    tail = " ".join(tail.split())
+    assert "1 of 2 rewritten sites have rel_error > 0.1 (largest 8.50e-01 at " \
+           "enc.layer.0.attn:softmax)" in tail
+    assert f"skipped 1 site (t5.block.0.layer.0:softmax): {T5_REASON}" in tail
+    assert "max_seq_len = 512" in tail and "--max-seq-len" in tail
+    assert "fr.distill(new_model, teacher=model, data=batches, steps=500)" in tail
+    assert "what next" not in str(RewriteReport(model="M"))  # nothing to advise
+
+
+def test_markdown_report_ends_with_what_next() -> None:
+    md = guided_report().to_markdown()
+    last = md.rstrip().rsplit("\n## ", 1)[-1]
+    assert last.startswith("What next") and "`fr.distill(" in last and "`--skip GLOB`" in last
+    assert "2.633e-01" in md and "(max_seq_len): 512" in md
+
+
+def test_what_next_of_a_plan_and_of_exact_mode() -> None:
+    plan = make_report()  # nothing built: params_added is None everywhere
+    plan.sites[0].params_added = None
+    assert "a dry run (plan)" in str(plan)
+    exact = RewriteReport(model="M", sites=[SiteReport(
+        path="a:sdpa", pattern="sdpa", status="rewritten", kernel="softmax", params_added=0,
+        rel_error=0.0)])
+    assert "exact softmax attention (nothing to up-train" in " ".join(str(exact).split())
