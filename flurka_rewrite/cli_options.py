@@ -28,6 +28,12 @@ def add_options(p: argparse.ArgumentParser, version: str) -> None:
     p.add_argument("--skip", action="append", default=[], metavar="GLOB",
                    help="leave the sites whose module path matches GLOB as they are "
                         "(repeatable; wins over --only)")
+    p.add_argument("--keep-exact", type=int, metavar="K",
+                   help="keep the K sites with the largest measured error as the original "
+                        "attention (hybrid by layer)")
+    p.add_argument("--max-rel-error", type=float, metavar="X",
+                   help="keep as the original attention every site whose measured error "
+                        "exceeds X")
     p.add_argument("--version", action="version", version=f"%(prog)s {version}")
 
 
@@ -49,7 +55,8 @@ def site_filter(only: list[str], skip: list[str]) -> Callable[[str, Any], bool] 
 def extra_options(args: argparse.Namespace) -> dict[str, Any]:
     """convert's keywords from these options (a bad --max-seq-len is RewriteConfig's error)."""
     return dict(max_seq_len=args.max_seq_len, e_init=args.e_init, hoist=not args.no_hoist,
-                filter_fn=site_filter(args.only, args.skip))
+                filter_fn=site_filter(args.only, args.skip), keep_exact=args.keep_exact,
+                max_rel_error=args.max_rel_error)
 
 
 def resolve_default_dk(dk: int | str | None, given: bool, n: int | None

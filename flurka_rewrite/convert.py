@@ -50,10 +50,6 @@ class DkNotBelowLengthWarning(UserWarning):
     inputs: the low-rank projection then saves nothing and costs more FLOPs than without it."""
 
 
-_OPTION_NAMES = ("kernel", "dk", "num_features", "backend", "seed", "filter_fn", "inplace",
-                 "e_init", "max_seq_len", "hoist")
-
-
 def _run(model: nn.Module, cfg: RewriteConfig, example_inputs: Any, build: bool
          ) -> tuple[nn.Module, RewriteReport]:
     """The pipeline: analyse -> decide -> (build, verify, install) -> report."""
@@ -132,8 +128,8 @@ def convert(
 
     Returns the rewritten model (a deep copy unless ``inplace=True``; same class) with
     ``.flurka_report`` (a ``RewriteReport``: one row per site found, rewritten or skipped).
-    Extra options: ``e_init`` ("pool" | "gaussian"), ``max_seq_len``, ``hoist`` (see
-    ``RewriteConfig``). With example inputs (or a model's ``dummy_inputs``) the report's
+    Extra options: ``e_init`` ("pool" | "gaussian"), ``max_seq_len``, ``hoist``,
+    ``keep_exact``, ``max_rel_error`` (see ``RewriteConfig``). With example inputs (or a model's ``dummy_inputs``) the report's
     ``end_to_end_error`` is the whole model's error on them; an int ``dk`` not below a
     site's sequence length warns ``DkNotBelowLengthWarning``."""
     cfg = RewriteConfig(kernel=kernel, dk=dk, num_features=num_features, backend=backend,

@@ -31,7 +31,7 @@ TOP_FIELDS = ("format", "format_version", "library_version", "torch_version", "b
 BASE_FIELDS = ("class", "module", "kind", "config_class", "model_type", "config",
                "attn_implementation", "transformers_version")
 OPTION_FIELDS = ("kernel", "dk", "num_features", "backend", "seed", "e_init", "max_seq_len",
-                 "hoist")
+                 "hoist", "keep_exact", "max_rel_error")
 # Upper limits: far above any real model, far below an allocation that hurts.
 MAX_DK, MAX_SEQ_LEN, MAX_FEATURES = 1 << 14, 1 << 20, 1 << 14
 MAX_HEADS, MAX_HEAD_DIM, MAX_CHUNK_SIZE = 1 << 12, 1 << 12, 1 << 12
@@ -330,6 +330,10 @@ def _check_options(opts: Any, modules: Mapping[str, dict], longest: int) -> None
     _choice(opts.get("backend", "auto"), "options.backend", BACKENDS)
     e_init = _choice(opts.get("e_init", "pool"), "options.e_init", E_INITS)
     _type(opts.get("hoist", True), "options.hoist", bool, "true or false")
+    _int(opts.get("keep_exact"), "options.keep_exact", 0, 1 << 20, none=True)
+    if opts.get("max_rel_error") is not None:
+        _float(opts["max_rel_error"], "options.max_rel_error", 0.0, float("inf"), lo_open=True,
+               hi_open=True)
     low = {p: s for p, s in modules.items() if s["dk"] is not None}
     for p, s in modules.items():
         f = f"modules[{p!r}]"

@@ -46,22 +46,55 @@ def outcome(s: Site) -> Outcome:
 
 
 def apply_all(units: Sequence[Unit], cfg: RewriteConfig, verify: bool) -> None:
-    """Rewrite every unit with legal sites; with ``verify``, install only what passes."""
-    exact = cfg.exact
-    installs: list[Callable[[], None]] = []
-    for u in units:
-        legal = [s for s in u.sites if s.ok]
-        if not legal:
-            continue
-        attns = {s.index: attention_for(s, cfg) for s in legal}
-        if u.kind == "mha":
-            job = _mha(u, legal[0], attns, cfg, verify, exact)
-        else:
-            job = _graph(u, legal, attns, cfg, verify, exact)
+    """Rewrite every unit with legal sites; with ``verify``, install only what passes. With
+    ``keep_exact`` / ``max_rel_error``, the sites picked from the measured errors
+    (``keep_exact_sites``) stay the original attention and their units are built again
+    without them."""
+    jobs = {u.path: _build(u, cfg, verify) for u in units}
+    if cfg.keep_exact is not None or cfg.max_rel_error is not None:
+        if not verify:
+            raise ValueError("keep_exact / max_rel_error choose sites by the error measured "
+                             "on the example inputs: pass example_inputs")
+        kept = keep_exact_sites([s for u in units for s in u.sites], cfg)
+        for u in units:
+            if any(s.index in kept for s in u.sites):
+                for s in u.sites:
+                    if s.index in kept:  # the original stays: only the measured error is kept
+                        s.skip(kept[s.index])
+                        s.outcome = Outcome(rel_error=s.rel_error)
+                jobs[u.path] = _build(u, cfg, verify)
+    for job in jobs.values():
         if job is not None:
-            installs.append(job)
-    for job in installs:
-        job()
+            job()
+
+
+def _build(u: Unit, cfg: RewriteConfig, verify: bool) -> Callable[[], None] | None:
+    """Build (and verify) the rewrite of one unit's legal sites; the install is returned."""
+    legal = [s for s in u.sites if s.ok]
+    if not legal:
+        return None
+    attns = {s.index: attention_for(s, cfg) for s in legal}
+    if u.kind == "mha":
+        return _mha(u, legal[0], attns, cfg, verify, cfg.exact)
+    return _graph(u, legal, attns, cfg, verify, cfg.exact)
+
+
+def keep_exact_sites(sites: Sequence[Site], cfg: RewriteConfig) -> dict[int, str]:
+    """Hybrid by layer: site index -> the reason it stays exact. ``keep_exact=K``: the K
+    rewritten sites with the largest measured ``rel_error``; ``max_rel_error``: every
+    rewritten site above it (both: the union)."""
+    done = sorted((s for s in sites if s.ok and s.rel_error is not None),
+                  key=lambda s: (-s.rel_error, s.index))
+    kept: dict[int, str] = {}
+    for s in done[:cfg.keep_exact or 0]:
+        kept[s.index] = (f"kept exact: rel_error {s.rel_error:.3g} is among the "
+                         f"{cfg.keep_exact} largest (keep_exact={cfg.keep_exact})")
+    if cfg.max_rel_error is not None:
+        for s in done:
+            if s.rel_error > cfg.max_rel_error and s.index not in kept:
+                kept[s.index] = (f"kept exact: rel_error {s.rel_error:.3g} is above "
+                                 f"max_rel_error={cfg.max_rel_error:g}")
+    return kept
 
 
 def _fail(sites: Sequence[Site], fails: dict[int, str]) -> None:

@@ -33,6 +33,10 @@ class RewriteConfig:
     max_seq_len: longest key sequence a low-rank layer accepts (None: taken from the
         example inputs, else from the model's config, else an error).
     hoist: down-sample the layer input before the K/V projections where legal.
+    keep_exact: keep the K sites with the largest measured error as the original (exact)
+        attention (hybrid by layer; needs example inputs, where the errors are measured).
+    max_rel_error: keep as the original attention every site whose measured error on the
+        example inputs exceeds this (the fewest sites that meet the budget).
     """
 
     kernel: str = "auto"
@@ -45,6 +49,8 @@ class RewriteConfig:
     e_init: str = "pool"
     max_seq_len: int | None = None
     hoist: bool = True
+    keep_exact: int | None = None
+    max_rel_error: float | None = None
 
     @property
     def exact(self) -> bool:
@@ -80,6 +86,13 @@ class RewriteConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or \
                 not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"seed must be an int in [0, 2**63); got {self.seed!r}")
+        ke = self.keep_exact
+        if ke is not None and (isinstance(ke, bool) or not isinstance(ke, int) or ke < 0):
+            raise ValueError(f"keep_exact must be a non-negative int or None; got {ke!r}")
+        mre = self.max_rel_error
+        if mre is not None and (isinstance(mre, bool) or not isinstance(mre, (int, float))
+                                or not mre > 0):
+            raise ValueError(f"max_rel_error must be a positive number or None; got {mre!r}")
         for name in ("inplace", "hoist"):  # "no" is a truthy string: refuse, do not guess
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")

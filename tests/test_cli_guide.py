@@ -183,6 +183,19 @@ def test_conversion_options_reach_the_compiler(bert_dir, tmp_path, capsys) -> No
     assert all(s["hoisted"] in (False, None) for s in data["sites"])
 
 
+def test_keep_exact_option_keeps_one_site(bert_dir, tmp_path, capsys) -> None:
+    rep = str(tmp_path / "r.json")
+    rc, _, err = run_cli(capsys, bert_dir, "-o", str(tmp_path / "o.pt2"), "--kernel",
+                         "performer", "--dk", "16", "--example-shape", "2,32", "--keep-exact",
+                         "1", "--report", rep, "-q")
+    assert rc == 0, err
+    data = json.load(open(rep))
+    assert data["config"]["keep_exact"] == 1
+    kept = [s for s in data["sites"] if s["status"] == "skipped"]
+    assert len(kept) == 1 and kept[0]["reason"].startswith("kept exact"), data["sites"]
+    assert run_cli(capsys, "--demo", "--dry-run", "--keep-exact", "-1", "-q")[0] == 2
+
+
 def test_only_matching_nothing_says_so(bert_dir, tmp_path, capsys) -> None:
     rc, _, err = run_cli(capsys, bert_dir, "-o", str(tmp_path / "o.pt2"), "--only", "decoder.*",
                          "--example-shape", "2,32", "-q")
