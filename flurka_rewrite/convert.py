@@ -129,9 +129,10 @@ def convert(
     Returns the rewritten model (a deep copy unless ``inplace=True``; same class) with
     ``.flurka_report`` (a ``RewriteReport``: one row per site found, rewritten or skipped).
     Extra options: ``e_init`` ("pool" | "gaussian"), ``max_seq_len``, ``hoist``,
-    ``keep_exact``, ``max_rel_error`` (see ``RewriteConfig``). With example inputs (or a model's ``dummy_inputs``) the report's
-    ``end_to_end_error`` is the whole model's error on them; an int ``dk`` not below a
-    site's sequence length warns ``DkNotBelowLengthWarning``."""
+    ``keep_exact``, ``max_rel_error`` (see ``RewriteConfig``). With example inputs (or a
+    model's ``dummy_inputs``) the report's ``end_to_end_error`` is the whole model's error on
+    them; an int ``dk`` not below a site's sequence length warns
+    ``DkNotBelowLengthWarning``."""
     cfg = RewriteConfig(kernel=kernel, dk=dk, num_features=num_features, backend=backend,
                         seed=seed, filter_fn=filter_fn, inplace=inplace, **options)
     before = first_output(model, _inputs(model, example_inputs))  # before an inplace rewrite
