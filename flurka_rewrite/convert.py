@@ -163,8 +163,15 @@ def plan(
     inplace: bool = False,
     **options: Any,
 ) -> RewriteReport:
-    """Dry run of ``convert``: the same decisions, returned as a report; model untouched."""
+    """Dry run of ``convert``: the same decisions, returned as a report; model untouched.
+    ``keep_exact`` / ``max_rel_error`` pick sites by errors that only ``convert`` measures:
+    the plan shows every site as rewritable and says so in its notes."""
     cfg = RewriteConfig(kernel=kernel, dk=dk, num_features=num_features, backend=backend,
                         seed=seed, filter_fn=filter_fn, inplace=inplace, **options)
     _, report = _run(model, cfg, example_inputs, build=False)
+    if cfg.keep_exact is not None or cfg.max_rel_error is not None:
+        for row in report.rewritten:
+            note = ("keep_exact / max_rel_error: convert may keep this site exact, from the "
+                    "error it measures (a plan measures none)")
+            row.reason = note if not row.reason else f"{row.reason}; {note}"
     return report

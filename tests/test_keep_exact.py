@@ -119,3 +119,11 @@ def test_keep_exact_needs_example_inputs_and_valid_values() -> None:
                 dict(max_rel_error=0), dict(max_rel_error="0.1")):
         with pytest.raises(ValueError):
             fr.RewriteConfig(**bad)
+
+
+def test_plan_says_keep_exact_is_decided_by_convert() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = fr.plan(_model(), example_inputs=_inputs(), keep_exact=1, **OPTS)
+    assert report.rewritten and all("convert may keep this site exact" in r.reason
+                                    for r in report.rewritten)
