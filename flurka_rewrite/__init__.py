@@ -14,7 +14,7 @@ from .loading import load
 from .saving import save
 from .hf import install_from_pretrained_hook
 from .distill import DistillResult, distill
-from .lora import add_lora, flurka_parameters
+from .lora import FlurkaParametersNotSavedWarning, add_lora, flurka_parameters
 
 __version__ = "0.1.0"
 
@@ -22,7 +22,7 @@ __all__ = ["FlurkaAttention", "RewriteConfig", "RewriteReport", "SiteReport", "c
            "__version__"]
 __all__ += ["export_onnx", "load", "save", "distill", "DistillResult", "AllSitesSkippedWarning",
             "AlreadyConvertedWarning"]
-__all__ += ["add_lora", "flurka_parameters"]
+__all__ += ["add_lora", "flurka_parameters", "FlurkaParametersNotSavedWarning"]
 __all__ += ["DkNotBelowLengthWarning"]
 
 install_from_pretrained_hook()  # from_pretrained restores conversions (docs/save_load.md)

@@ -173,3 +173,24 @@ def test_export_capture_keeps_leaf_module_calls() -> None:
     assert not any(n.op == "call_function" and "linear" in str(n.target)
                    for n in gm.graph.nodes)
     assert torch.equal(gm(h)[0], att(h)[0])
+
+
+def test_peft_save_pretrained_warns_that_flurka_parameters_are_not_in_it(tmp_path) -> None:
+    """PEFT writes the adapters only (checked in the saved file): with trained FLuRKA
+    parameters that loses them, so add_lora's model warns; frozen ones lose nothing."""
+    x = _ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student = fr.convert(_bert(), example_inputs=x, kernel="performer", dk=16)
+        frozen = fr.convert(_bert(), example_inputs=x, kernel="performer", dk=16)
+    pm = fr.add_lora(student, peft.LoraConfig(r=4, target_modules=["query"]))
+    with pytest.warns(fr.FlurkaParametersNotSavedWarning, match="merge_and_unload"):
+        pm.save_pretrained(str(tmp_path / "a"))
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert saved and not any(".E" in k or ".F" in k for k in saved)
+    pm2 = fr.add_lora(frozen, peft.LoraConfig(r=4, target_modules=["query"]),
+                      train_flurka=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fr.FlurkaParametersNotSavedWarning)
+        pm2.save_pretrained(str(tmp_path / "b"))
