@@ -278,7 +278,7 @@ def load_checkpoint(path: str, par: Parallel) -> dict[str, Any]:
                 f"resume=True but there is no checkpoint at {path}: run once with "
                 "checkpoint=DIR first, or drop resume")
         else:
-            box[0] = torch.load(path, map_location="cpu", weights_only=False)
+            box[0] = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code
     if par.distributed:
         dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], Exception):
