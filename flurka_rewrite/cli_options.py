@@ -1,6 +1,7 @@
 """The CLI's conversion options beyond kernel / dk (docs/cli.md): ``--max-seq-len``,
 ``--e-init``, ``--no-hoist``, ``--only`` / ``--skip`` (path globs, mapped to ``filter_fn``),
-``--version``; and the default ``--dk`` resolved against the example's sequence length."""
+``--window``, ``--version``; and the default ``--dk`` resolved against the example's sequence
+length."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,9 @@ def add_options(p: argparse.ArgumentParser, version: str) -> None:
     p.add_argument("--max-rel-error", type=float, metavar="X",
                    help="keep as the original attention every site whose measured error "
                         "exceeds X")
+    p.add_argument("--window", type=int, metavar="W",
+                   help="sliding-window hybrid: exact softmax over the W nearest keys beside "
+                        "the kernel part, one shared normaliser (default: none)")
     p.add_argument("--version", action="version", version=f"%(prog)s {version}")
 
 
@@ -56,7 +60,7 @@ def extra_options(args: argparse.Namespace) -> dict[str, Any]:
     """convert's keywords from these options (a bad --max-seq-len is RewriteConfig's error)."""
     return dict(max_seq_len=args.max_seq_len, e_init=args.e_init, hoist=not args.no_hoist,
                 filter_fn=site_filter(args.only, args.skip), keep_exact=args.keep_exact,
-                max_rel_error=args.max_rel_error)
+                max_rel_error=args.max_rel_error, window=args.window)
 
 
 def resolve_default_dk(dk: int | str | None, given: bool, n: int | None

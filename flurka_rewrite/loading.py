@@ -17,7 +17,7 @@ from torch import Tensor
 
 from flurka_rewrite.kernels.attention import FlurkaAttention
 from flurka_rewrite.save_format import (
-    DECISION_FIELDS, FEATURE_SETTABLE, FIXED, FORMAT, INPUTS_FILE,
+    DECISION_FIELDS, FEATURE_SETTABLE, FIXED, FIXED_SINCE, FORMAT, INPUTS_FILE,
     RECIPE_FILE, SETTABLE, WEIGHTS_FILE, RecipeError, base_class, sha256_of,
 )
 
@@ -204,7 +204,8 @@ def _check_decisions(model: nn.Module, recipe: dict[str, Any]) -> None:
     else:
         for path, m in modules.items():
             bad = [f"{k} saved {recipe['modules'][path].get(k)!r}, now {getattr(m, k)!r}"
-                   for k in FIXED if recipe["modules"][path].get(k) != getattr(m, k)]
+                   for k in FIXED + FIXED_SINCE
+                   if recipe["modules"][path].get(k) != getattr(m, k, None)]
             if bad:
                 diffs.append(f"{path}: " + ", ".join(bad))
     if diffs:

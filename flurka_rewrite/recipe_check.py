@@ -21,7 +21,8 @@ from flurka_rewrite.kernels.attention import E_INITS, KERNELS
 from flurka_rewrite.kernels.registry import SOFTMAX, feature_map_class, takes_num_features
 from flurka_rewrite.passes.config import KERNEL_CHOICES, RewriteConfig
 from flurka_rewrite.kernels.dispatch import BACKENDS
-from flurka_rewrite.save_format import (DECISION_FIELDS, FEATURE_SETTABLE, FIXED, FORMAT_VERSION,
+from flurka_rewrite.save_format import (DECISION_FIELDS, FEATURE_SETTABLE, FIXED, FIXED_SINCE,
+                                        FORMAT_VERSION,
                                         RECIPE_FILE, SETTABLE, WEIGHTS_FILE, RecipeError)
 
 CHECKSUM_FIELD = "recipe_sha256"
@@ -31,7 +32,7 @@ TOP_FIELDS = ("format", "format_version", "library_version", "torch_version", "b
 BASE_FIELDS = ("class", "module", "kind", "config_class", "model_type", "config",
                "attn_implementation", "transformers_version")
 OPTION_FIELDS = ("kernel", "dk", "num_features", "backend", "seed", "e_init", "max_seq_len",
-                 "hoist", "keep_exact", "max_rel_error")
+                 "hoist", "keep_exact", "max_rel_error", "window")
 # Upper limits: far above any real model, far below an allocation that hurts.
 MAX_DK, MAX_SEQ_LEN, MAX_FEATURES = 1 << 14, 1 << 20, 1 << 14
 MAX_HEADS, MAX_HEAD_DIM, MAX_CHUNK_SIZE = 1 << 12, 1 << 12, 1 << 12
@@ -200,7 +201,7 @@ def _check_module(path: Any, s: Any, tensors: Mapping[str, Tensor]) -> None:
         raise fail(f, "must be named by a module path such as 'layers.0.attn'")
     _type(s, f, dict, "an object")
     for k in s:
-        if k not in FIXED + SETTABLE + ("feature_map",):
+        if k not in FIXED + FIXED_SINCE + SETTABLE + ("feature_map",):
             raise fail(f"{f}.{k}", "is not a FlurkaAttention setting flurka-rewrite saves")
     for k in FIXED:
         if k not in s:
@@ -228,6 +229,12 @@ def _check_module(path: Any, s: Any, tensors: Mapping[str, Tensor]) -> None:
     _choice(s["e_init"], f"{f}.e_init", E_INITS)
     _check_settings(f, s)
     pre = f"{path}."
+    window = _int(s.get("window"), f"{f}.window", 1, MAX_SEQ_LEN, none=True)
+    theta = tensors.get(pre + "kernel_log_weight")  # the window's weight per head
+    if window is None and theta is not None:
+        raise fail(f"{f}.window", f"is null, but {WEIGHTS_FILE} holds {pre}kernel_log_weight")
+    if window is not None:
+        _shape(theta, pre + "kernel_log_weight", (heads,), (f"{f}.heads",))
     low = {n: tensors.get(pre + n) for n in ("E", "F", "E_support")}
     for n, t in low.items():
         if dk is None and t is not None:
@@ -275,7 +282,10 @@ def _check_settings(f: str, s: Mapping[str, Any]) -> None:
         if k not in FEATURE_SETTABLE:
             raise fail(f"{f}.feature_map.{k}", "is not a feature-map setting flurka-rewrite "
                                                f"restores ({', '.join(FEATURE_SETTABLE)})")
-        _int(v, f"{f}.feature_map.{k}", 0, SEED_LIMIT - 1, none=k == "redraw_interval")
+        if k == "eva_chunk":  # EVA's local window (kernels/eva.py)
+            _int(v, f"{f}.feature_map.{k}", 1, MAX_CHUNK_SIZE)
+        else:
+            _int(v, f"{f}.feature_map.{k}", 0, SEED_LIMIT - 1, none=k == "redraw_interval")
 
 
 def _check_inputs(spec: Any) -> list[int]:
@@ -330,6 +340,7 @@ def _check_options(opts: Any, modules: Mapping[str, dict], longest: int) -> None
     _choice(opts.get("backend", "auto"), "options.backend", BACKENDS)
     e_init = _choice(opts.get("e_init", "pool"), "options.e_init", E_INITS)
     _type(opts.get("hoist", True), "options.hoist", bool, "true or false")
+    _int(opts.get("window"), "options.window", 1, MAX_SEQ_LEN, none=True)
     _int(opts.get("keep_exact"), "options.keep_exact", 0, 1 << 20, none=True)
     if opts.get("max_rel_error") is not None:
         _float(opts["max_rel_error"], "options.max_rel_error", 0.0, float("inf"), lo_open=True,

@@ -219,7 +219,8 @@ def _site_cells(s: SiteReport) -> list[str]:
     if s.kv_heads is not None and s.kv_heads != s.heads:
         heads = f"{heads}/{s.kv_heads}kv"  # GQA
     err = "-" if s.rel_error is None else f"{s.rel_error:.2e}"
-    return [s.path, s.pattern, s.status, _cell(s.kernel), _cell(s.dk), _cell(s.num_features), n,
+    kernel = _cell(s.kernel) + ("" if s.window is None else f" w={s.window}")  # + window
+    return [s.path, s.pattern, s.status, kernel, _cell(s.dk), _cell(s.num_features), n,
             heads, _cell(s.causal), _cell(s.mask), _cell(s.hoisted),
             format_flops_change(s.flops_before, s.flops_after), err, _cell(s.verified),
             _cell(s.reason)]
@@ -368,6 +369,7 @@ def _row(site: Any) -> SiteReport:
         r.hoisted = site.hoisted
         r.flops_before, r.flops_after = site.flops_before, site.flops_after
         r.params_added, r.rel_error = site.params_added, site.rel_error
+        r.window = site.window
         r.reason = "; ".join(site.notes_for_report) or None
     else:
         r.flops_before = site.flops_before

@@ -20,13 +20,16 @@ FORMAT_VERSION = 2  # 2: recipe.json carries its own SHA-256 (recipe_sha256)
 FILTERED = "excluded by filter_fn"
 # Report fields that make up a site's decision (rel_error, FLOPs and notes may differ).
 DECISION_FIELDS = ("path", "pattern", "status", "kernel", "dk", "num_features", "hoisted",
-                   "causal", "heads", "kv_heads", "head_dim", "seq_len", "kv_seq_len", "mask")
+                   "causal", "heads", "kv_heads", "head_dim", "seq_len", "kv_seq_len", "mask",
+                   "window")
 # FlurkaAttention settings: fixed by the conversion (checked on load) / plain attributes a
 # user may have changed after converting (restored on load).
 FIXED = ("kernel", "heads", "kv_heads", "head_dim", "dk", "max_seq_len", "num_features",
          "causal", "scale", "e_init")
+# Fixed settings that later versions added: a recipe written before them lacks them (None).
+FIXED_SINCE = ("window",)
 SETTABLE = ("backend", "eps", "chunk_size", "dropout", "seed")
-FEATURE_SETTABLE = ("seed", "redraw_interval")
+FEATURE_SETTABLE = ("seed", "redraw_interval", "eva_chunk")  # eva_chunk: EVA only
 _PRIMITIVES = (type(None), bool, int, float, str)
 
 
@@ -77,7 +80,7 @@ def _module_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
     out = {}
     for path, m in model.named_modules():
         if isinstance(m, FlurkaAttention):
-            s = {k: getattr(m, k) for k in FIXED + SETTABLE}
+            s = {k: getattr(m, k) for k in FIXED + FIXED_SINCE + SETTABLE}
             fm = m.feature_map
             s["feature_map"] = None if fm is None else {
                 k: getattr(fm, k) for k in FEATURE_SETTABLE if hasattr(fm, k)}

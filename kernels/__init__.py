@@ -5,6 +5,7 @@ or the Triton interpreter is present, Triton kernels.
 This package never imports ``flurka_rewrite.passes``.
 """
 from .feature_maps import FEATURE_MAPS, FeatureMap, build_feature_map, register_feature_map
+from . import eva  # noqa: F401  (registers kernel "eva" after the maps of feature_maps)
 from .registry import SOFTMAX, kernel_names, unregister_feature_map
 from .reference import (
     causal_kernel_attention,

@@ -10,6 +10,10 @@ features) and computes, for q (B, H, N, dh) and k, v (B, Hkv, M, d):
 
 Hoisted form (docs/design.md §3.3): the rewriter down-samples the *layer input* with ``project_kv``,
 runs the K/V projections on dk rows, and calls ``forward(..., source_len=M)``.
+
+``window=w`` (any mode but exact): the sliding-window hybrid of ``kernels/window.py``, exact
+softmax over the w nearest keys, the mode's kernel (or the dk down-sampled keys) for the rest,
+one normaliser, a learnable per-head weight ``kernel_log_weight`` (theta, alpha = exp(theta)).
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ from torch import Tensor
 
 from flurka_rewrite.kernels.dispatch import BACKENDS, attention_core_dispatch
 from flurka_rewrite.kernels.feature_maps import build_feature_map
-from flurka_rewrite.kernels.registry import SOFTMAX, NameView, check_kernel, kernel_names
+from flurka_rewrite.kernels.registry import (
+    SOFTMAX, NameView, check_kernel, feature_map_class, kernel_names,
+)
 from flurka_rewrite.kernels.reference import (
     is_exporting,
     lowrank_bands,
@@ -30,6 +36,7 @@ from flurka_rewrite.kernels.reference import (
     lowrank_project,
     softmax_attention,
 )
+from flurka_rewrite.kernels.window import initial_log_weight, window_attention
 
 # The registered feature maps, then "softmax"; recomputed on use (kernels/registry.py).
 KERNELS = NameView(kernel_names)
@@ -54,6 +61,27 @@ def init_lowrank(dk: int, max_len: int, kind: str, generator: torch.Generator) -
     raise ValueError(f"unknown e_init {kind!r}; expected one of {', '.join(E_INITS)}")
 
 
+def check_window(window: int | None, kernel: str, dk: int | None, backend: str) -> None:
+    """Refuse a window that cannot be built: not a positive int, on exact attention (no
+    kernel part), or with backend="triton" (no Triton kernel for it yet)."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int or None; got {window!r}")
+    if kernel == SOFTMAX and dk is None:
+        raise ValueError("window needs a kernel part: kernel='softmax' with dk=None is exact "
+                         "attention over every key already; use window=None, a feature map "
+                         "or a dk")
+    cls = feature_map_class(kernel) if kernel in kernel_names() else None
+    if cls is not None and getattr(cls, "custom_attention", False):
+        raise ValueError(f"window= does not combine with kernel {kernel!r}: it has its own "
+                         "exact local window (eva_chunk); use window=None")
+    if backend == "triton":
+        raise ValueError("window runs on the PyTorch reference only (kernels/window.py), "
+                         "there is no Triton kernel for it yet: use backend='torch' (or "
+                         "'auto', which runs windowed layers on the reference)")
+
+
 class FlurkaAttention(nn.Module):
     """FLuRKA attention for one site. See the module docstring for the modes."""
 
@@ -76,6 +104,8 @@ class FlurkaAttention(nn.Module):
         backend: str = "auto",
         eps: float = 1e-6,
         chunk_size: int = 64,
+        window: int | None = None,
+        eva_chunk: int | None = None,
     ) -> None:
         super().__init__()
         kv_heads = kv_heads or heads
@@ -93,6 +123,8 @@ class FlurkaAttention(nn.Module):
             if not max_seq_len or max_seq_len < 1:
                 raise ValueError("a low-rank layer (dk set) needs max_seq_len, the longest key "
                                  "sequence it will see")
+        check_window(window, kernel, dk, backend)
+        self.window = window
         self.kernel, self.heads, self.kv_heads, self.head_dim = kernel, heads, kv_heads, head_dim
         self.dk, self.max_seq_len, self.causal = dk, max_seq_len, causal
         self.scale = float(scale) if scale is not None else head_dim**-0.5
@@ -115,8 +147,18 @@ class FlurkaAttention(nn.Module):
         self.feature_map = (
             None if kernel == SOFTMAX else build_feature_map(
                 kernel, head_dim=head_dim, kv_heads=kv_heads, num_features=num_features,
-                scale=self.scale, seed=seed, redraw_interval=redraw_interval)
+                scale=self.scale, seed=seed, redraw_interval=redraw_interval,
+                eva_chunk=eva_chunk)
         )
+        # theta_h, the log of the kernel part's weight per query head (kernels/window.py)
+        self.kernel_log_weight = None if window is None else nn.Parameter(
+            torch.full((heads,), initial_log_weight(self.feature_map)))
+        if self.feature_map is not None and self.feature_map.custom_attention:  # EVA
+            if backend == "triton":
+                raise ValueError(f"kernel {kernel!r} has no Triton kernel (it computes its own "
+                                 "attention in PyTorch); use backend='torch' or 'auto'")
+            if dk is not None:  # local = the down-sampled rows near the query (kernels/eva.py)
+                self.feature_map.key_spacing = (dk, max_seq_len)
 
     @property
     def num_features(self) -> int | None:
@@ -127,7 +169,8 @@ class FlurkaAttention(nn.Module):
         return (f"kernel={self.kernel}, dk={self.dk}, heads={self.heads}, "
                 f"kv_heads={self.kv_heads}, "
                 f"head_dim={self.head_dim}, m={self.num_features}, causal={self.causal}, "
-                f"max_seq_len={self.max_seq_len}")
+                f"max_seq_len={self.max_seq_len}"
+                + ("" if getattr(self, "window", None) is None else f", window={self.window}"))
 
     # -- masks ---------------------------------------------------------------------------
     def key_keep(self, attn_mask: Tensor | None, kv_len: int) -> Tensor | None:
@@ -220,12 +263,15 @@ class FlurkaAttention(nn.Module):
         *,
         key_padding_mask: Tensor | None = None,
         source_len: int | None = None,
+        window_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """q (B, H, N, dh), k (B, Hkv, M, dh), v (B, Hkv, M, dv) -> (B, H, N, dv).
 
         attn_mask: SDPA-style mask; exact mode uses it as is, other modes reduce it to key
         padding. key_padding_mask: (B, M) bool, True = real token. source_len: set when k, v
-        were already down-sampled by ``project_kv`` from a sequence of that length."""
+        were already down-sampled by ``project_kv`` from a sequence of that length.
+        window_kv: with a window and ``source_len``, the original (B, Hkv, M, d) keys and
+        values the window's exact part reads."""
         if self.feature_map is not None and self.training:
             step = getattr(self.feature_map, "step", None)
             if step is not None:
@@ -239,12 +285,24 @@ class FlurkaAttention(nn.Module):
         keep = self.key_keep(attn_mask, M)
         if key_padding_mask is not None:
             keep = key_padding_mask.bool() if keep is None else keep & key_padding_mask.bool()
+        full = (k, v) if source_len is None else window_kv  # the window's keys and values
+        full_keep = keep
         if self.dk is not None:
             if source_len is None:
                 k = lowrank_project(k, self._proj("k"), keep, bands=self._bands)
                 v = lowrank_project(v, self._proj("v"), keep, bands=self._bands)
             # Empty rows (support only on padding or past M) become masked keys.
             keep = self._lowrank_keep(M, keep, q.shape[0])
+        if getattr(self, "window", None) is not None:
+            if full is None:
+                raise ValueError("a windowed layer called with source_len (hoisted K/V) needs "
+                                 "window_kv=(k, v), the keys at full length")
+            low = self.dk is not None
+            return window_attention(
+                q, full[0], full[1], window=self.window, feature_map=self.feature_map,
+                log_weight=self.kernel_log_weight, scale=self.scale, causal=self.causal,
+                key_padding_mask=full_keep, kernel_k=k if low else None,
+                kernel_v=v if low else None, kernel_keep=keep if low else None)
         return attention_core_dispatch(
             q, k, v, feature_map=self.feature_map, key_padding_mask=keep, causal=self.causal,
             scale=self.scale, eps=self.eps, chunk_size=self.chunk_size, backend=self.backend)

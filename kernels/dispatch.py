@@ -27,9 +27,9 @@ def triton_available() -> bool:
 
 
 # "auto" runs Triton only for head dims where it was measured faster than the reference
-# (H100, docs/benchmarks.md): dh=64 gave 2.2-7.6x at N >= 8k, dh=325 was ~30x slower (its
-# tiles do not fit shared memory). Between 64 and 325 nothing was measured; 128 is the widest
-# head the autotune lists tile without spilling. backend="triton" still forces Triton.
+# (H100, docs/benchmarks.md): dh=64 gave 2.2-7.6x at N >= 8k, dh=325 was ~30x slower when its
+# tiles were 512 wide. Head dims above 128 now run in BLOCK_K chunks (triton_launch.block_k),
+# not yet measured on a GPU, so the rule stays until they are. backend="triton" forces Triton.
 AUTO_TRITON_MAX_HEAD_DIM = 128
 
 
@@ -39,6 +39,11 @@ def resolve_backend(backend: str, device_type: str, feature_map: FeatureMap | No
     raise when the requested backend is impossible."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if feature_map is not None and feature_map.custom_attention:  # e.g. EVA: reference only
+        if backend == "triton":
+            raise ValueError(f"kernel {feature_map.name!r} has no Triton kernel (it computes its "
+                             "own attention in PyTorch); use backend='torch' or backend='auto'")
+        return "torch"
     if backend == "torch" or feature_map is None:  # softmax paths use SDPA: no Triton kernel
         return "torch"
     if backend == "auto":

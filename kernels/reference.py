@@ -346,6 +346,9 @@ def attention_core(
     if feature_map is None:
         return softmax_attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal,
                                  scale=scale)
+    if feature_map.custom_attention:  # the map computes the whole core (EVA: kernels/eva.py)
+        return feature_map.attend(q, k, v, key_padding_mask=key_padding_mask, causal=causal,
+                                  scale=scale, eps=eps, chunk_size=chunk_size).to(q.dtype)
     kmask = None if key_padding_mask is None else key_padding_mask[:, None, :, None].bool()
     if causal:
         phi_k, log_scale = feature_map.causal_key_features(k, kmask)

@@ -20,6 +20,19 @@ and optional facts with defaults: ``causal_stabilized`` (``causal_key_features``
 per-key log scale; the causal core then runs the stabilized recurrence) and ``weight_shapes``
 (the tensors ``recipe_check`` verifies against a saved recipe).
 
+A kernel that is not "phi(q), phi(k), then the linear core" (EVA, ``kernels/eva.py``) sets
+``custom_attention = True`` and supplies the whole core after the low-rank projection:
+
+    attend(q, k, v, *, key_padding_mask, causal, scale, eps, chunk_size) -> Tensor
+                         what ``reference.attention_core`` returns (called instead of it)
+    attention_flops(*, B, N, K, H, Hkv, dh, m, causal, key_spacing) -> MapFlops
+                         its FLOPs over K keys (``cost_model.site_flops`` counts these instead
+                         of the map and the linear core; key_spacing (dk, max_seq_len) on a
+                         low-rank site, else None)
+
+It still declares every REQUIRED_FACT (``forward`` / ``flops`` describe its feature map, if
+any); it has no Triton kernel: ``backend="triton"`` raises, ``"auto"`` runs the reference.
+
 "softmax" (SOFTMAX) is a kernel choice but not a registry entry: it has no feature map (exact
 attention, or Linformer with dk), so none of these facts; ``FlurkaAttention.feature_map`` is
 None for it. ``kernel_names()`` is the maps in registration order, then "softmax";
@@ -67,6 +80,7 @@ class FeatureMap(nn.Module):
     # saved tensor (relative to the map) -> its shape; entries are ints or the names
     # "head_dim", "kv_heads", "num_features" (recipe_check resolves them)
     weight_shapes: ClassVar[dict[str, tuple[int | str, ...]]] = {}
+    custom_attention: ClassVar[bool] = False  # True: ``attend`` computes the core (docstring)
     num_features: int
 
     @classmethod
@@ -106,6 +120,19 @@ class FeatureMap(nn.Module):
         stabilizer return (phi, None)."""
         return self.forward(x, is_query=False, key_mask=key_mask), None
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
+               causal: bool = False, scale: float | None = None, eps: float = 1e-6,
+               chunk_size: int = 64) -> Tensor:
+        """The whole attention core, for a ``custom_attention`` map: q (B, H, N, dh), k
+        (B, Hkv, K, dh), v (B, Hkv, K, dv) -> (B, H, N, dv) in q's dtype."""
+        raise NotImplementedError(f"{type(self).__name__} is not a custom_attention map")
+
+    @classmethod
+    def attention_flops(cls, *, B: int, N: int, K: int, H: int, Hkv: int, dh: int, m: int,
+                        causal: bool, key_spacing: tuple[int, int] | None = None) -> MapFlops:
+        """FLOPs of ``attend`` over K keys, for a ``custom_attention`` map."""
+        raise NotImplementedError(f"{cls.__name__} is not a custom_attention map")
+
     def penalty(self) -> Tensor | None:
         """Optional regularizer to add to the training loss (ffk orthogonality)."""
         return None
@@ -129,6 +156,11 @@ def missing_facts(cls: type) -> list[str]:
     if "triton_code" not in out and code is not None and (
             isinstance(code, bool) or not isinstance(code, int) or code == TRITON_IDENTITY):
         out.append(f"triton_code (None or an int other than {TRITON_IDENTITY})")
+    if getattr(cls, "custom_attention", False):
+        if code is not None:
+            out.append("triton_code None (a custom_attention map has no Triton kernel)")
+        out += [f"{f} (a custom_attention map supplies it)" for f in ("attend", "attention_flops")
+                if not any(f in vars(c) for c in own)]
     return out
 
 

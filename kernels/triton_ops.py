@@ -106,6 +106,8 @@ def cpu_runs_triton() -> bool:
 class _IdentityMap(torch.nn.Module):
     """phi(x) = x: the kernels' FMAP_IDENTITY (phi already applied by the caller)."""
 
+    custom_attention = False  # read by reference.attention_core (FeatureMap's default)
+
     def forward(self, x: Tensor, *, is_query: bool, key_mask: Tensor | None = None) -> Tensor:
         return x.float()
 

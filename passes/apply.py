@@ -31,7 +31,7 @@ def attention_for(s: Site, cfg: RewriteConfig) -> FlurkaAttention:
     """The FlurkaAttention of one decided site (records m and the parameters added)."""
     attn = build_attention(s, kernel=s.kernel, dk=s.dk, num_features=s.num_features,
                            max_seq_len=s.max_seq_len, seed=cfg.seed + 7919 * s.index,
-                           e_init=cfg.e_init, backend=cfg.backend)
+                           e_init=cfg.e_init, backend=cfg.backend, window=s.window)
     o = outcome(s)
     o.num_features = attn.num_features
     o.params_added = sum(p.numel() for p in attn.parameters())

@@ -87,6 +87,7 @@ def choose(
     H: int, Hkv: int, dh: int, dm: int | None, causal: bool, hoistable: bool,
     min_dk: int = 64, pretrained: bool = True, padding_mask: bool = False,
     calibration: object | None = None, e_init: str = "pool", max_seq_len: int | None = None,
+    window: int | None = None,
 ) -> Choice:
     """Resolve ``"auto"`` for ``kernel`` and/or ``dk`` at one site (docs/design.md §4).
 
@@ -100,6 +101,9 @@ def choose(
     hoisted when ``hoistable`` and low-rank; ``padding_mask``: the site has key padding;
     ``e_init`` / ``max_seq_len``: E's initialisation and width (a pool E runs banded). The
     reason string is shown in the report.
+
+    ``window``: price every candidate but full softmax with the sliding window (which full
+    softmax does not take); the choice itself is otherwise window-agnostic.
 
     ``calibration`` (a ``passes.calibration.Calibration``; default: the one the environment
     variable FLURKA_CALIBRATION opts into, else none): rank the candidates by its predicted
@@ -130,7 +134,8 @@ def choose(
             kernel=k, dk=d, B=B, N=N, M=M, H=H, Hkv=Hkv, dh=dh, dm=dm,
             num_features=features_used(k, dh, num_features), causal=causal, hoisted=hoist(d),
             projections=dm is not None, padding_mask=padding_mask, e_init=e_init,
-            max_seq_len=max_seq_len)
+            max_seq_len=max_seq_len,
+            window=None if (k == SOFTMAX and d is None) else window)
 
     def floor(k: str, d: int) -> int:
         """cost(k, d) without E's down-sampling products, which a pool E runs banded (not
@@ -138,7 +143,8 @@ def choose(
         dense = site_flops(
             kernel=k, dk=d, B=B, N=N, M=M, H=H, Hkv=Hkv, dh=dh, dm=dm,
             num_features=features_used(k, dh, num_features), causal=causal, hoisted=hoist(d),
-            projections=dm is not None, padding_mask=padding_mask, e_init="gaussian")
+            projections=dm is not None, padding_mask=padding_mask, e_init="gaussian",
+            window=window)
         return dense - 4 * B * (dm if hoist(d) else Hkv * dh) * d * M
 
     def dk_options(k: str) -> list[int | None]:

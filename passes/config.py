@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from flurka_rewrite.kernels.attention import check_window
 from flurka_rewrite.kernels.dispatch import BACKENDS
 from flurka_rewrite.kernels.registry import (
     AUTO,
@@ -33,6 +34,9 @@ class RewriteConfig:
     max_seq_len: longest key sequence a low-rank layer accepts (None: taken from the
         example inputs, else from the model's config, else an error).
     hoist: down-sample the layer input before the K/V projections where legal.
+    window: None, or w: exact softmax over the w nearest keys beside the kernel part, one
+        shared normaliser (kernels/window.py); any kernel but exact softmax, backend "torch"
+        or "auto" (the reference), self-attention sites only.
     keep_exact: keep the K sites with the largest measured error as the original (exact)
         attention (hybrid by layer; needs example inputs, where the errors are measured).
     max_rel_error: keep as the original attention every site whose measured error on the
@@ -49,6 +53,7 @@ class RewriteConfig:
     e_init: str = "pool"
     max_seq_len: int | None = None
     hoist: bool = True
+    window: int | None = None
     keep_exact: int | None = None
     max_rel_error: float | None = None
 
@@ -93,6 +98,7 @@ class RewriteConfig:
         if mre is not None and (isinstance(mre, bool) or not isinstance(mre, (int, float))
                                 or not mre > 0):
             raise ValueError(f"max_rel_error must be a positive number or None; got {mre!r}")
+        check_window(self.window, self.kernel, self.dk, self.backend)
         for name in ("inplace", "hoist"):  # "no" is a truthy string: refuse, do not guess
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")

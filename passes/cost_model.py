@@ -27,6 +27,8 @@ from flurka_rewrite.kernels.registry import (
     kernel_names,
 )
 
+from .cost_window import window_core_flops
+
 METHODS = ("full", "lowrank", "kernel", "flurka")
 # Derived from the feature-map registry (kernels/registry.py) and recomputed on use: every
 # kernel, and the candidates of kernel="auto" (each map's auto_role; softmax last).
@@ -132,7 +134,7 @@ def site_flops(
     dm: int | None = None, num_features: int | None = None, causal: bool = False,
     hoisted: bool = False, projections: bool = True, gemm_only: bool = False,
     bias: bool = True, padding_mask: bool = False, chunk_size: int = 64,
-    e_init: str = "pool", max_seq_len: int | None = None,
+    e_init: str = "pool", max_seq_len: int | None = None, window: int | None = None,
 ) -> int:
     """FLOPs of one attention site as the reference (``FlurkaAttention``) computes it.
 
@@ -145,6 +147,8 @@ def site_flops(
     ``e_init`` / ``max_seq_len``: how E was initialised and its width; a ``pool`` E runs banded
     (``lowrank_pairs``), so only its non-zero blocks are counted.
     ``gemm_only``: only what ``FlopCounterMode`` counts (see the module docstring).
+    ``window``: the sliding-window hybrid core (passes/cost_window.py) in place of the kernel
+    or low-rank core; not for full softmax, self-attention (M == N) only.
     """
     method = method_of(kernel, dk)
     check_sizes(B=B, N=N, M=M, H=H, Hkv=Hkv, dh=dh, dm=dm, dk=dk, chunk_size=chunk_size)
@@ -186,6 +190,16 @@ def site_flops(
     if dk is not None and padding_mask:
         t.gemm += 2 * B * M * dk  # lowrank_keep: padding (B, M) @ support^T (M, dk)
     K = M if dk is None else dk  # keys the attention core sees
+    if window is not None:
+        check_sizes(window=window)
+        if method == "full" or M != N:
+            raise ValueError("a window needs a kernel part and self-attention (M == N); got "
+                             f"{method} attention with N={N}, M={M}")
+        gemm, elem = window_core_flops(kernel=kernel, dk=dk, window=window, B=B, N=N, H=H,
+                                       Hkv=Hkv, dh=dh, m=m, causal=causal)
+        t.gemm += gemm
+        t.elem += elem
+        return t.total(gemm_only)
 
     # -- attention core -----------------------------------------------------------------------
     fmap = feature_map_class(kernel)
@@ -198,6 +212,12 @@ def site_flops(
         t.elem += B * H * (SOFTMAX_ELEMWISE_PER_SCORE * pairs + N * dh)
         return t.total(gemm_only)
 
+    if fmap.custom_attention:  # the map computes the whole core (EVA): its own count
+        f = fmap.attention_flops(B=B, N=N, K=K, H=H, Hkv=Hkv, dh=dh, m=m, causal=causal,
+                                 key_spacing=None if dk is None else (dk, max_seq_len or M))
+        t.gemm += f.gemm
+        t.elem += f.elem
+        return t.total(gemm_only)
     _features(t, kernel, B * Hkv * K, dh, m, is_query=False, groups=B * Hkv, causal=causal)
     _features(t, kernel, B * H * N, dh, m, is_query=True)
     if not causal:  # reference.kernel_state and kernel_readout

@@ -17,6 +17,11 @@ from .config import RewriteConfig
 from .site import Decision, Site, can_hoist
 
 CAUSAL_NOTE = "causal: kernel-only attention (prefix sums), dk not applied"
+WINDOW_CROSS_NOTE = ("window not applied: a sliding window needs self-attention (as many keys as "
+                     "queries)")
+WINDOW_EXACT_NOTE = "window not applied: the site stays exact softmax attention"
+WINDOW_HOIST_NOTE = ("window: K and V are needed at full length for the exact part, so the "
+                     "down-sampling is not hoisted")
 
 
 def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig, repeated: int = 1) -> None:
@@ -50,7 +55,11 @@ def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig, repeated: in
         else:
             N = M = d.max_seq_len
             B, at = 1, f" (at N = M = max_seq_len = {N})"
-        structure = can_hoist(s, cfg.hoist)
+        window = cfg.window
+        if window is not None and traced and s.seq_len != s.kv_seq_len:
+            s.notes_for_report.append(WINDOW_CROSS_NOTE)
+            window = None
+        structure = can_hoist(s, cfg.hoist) and window is None
         hoistable = traced and structure  # priced hoisted (static sites get no FLOPs)
         try:
             if N is None:
@@ -59,7 +68,7 @@ def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig, repeated: in
                 kernel=cfg.kernel, dk=dk, num_features=cfg.num_features, B=B, N=N, M=M,
                 H=s.heads, Hkv=s.kv_heads, dh=s.head_dim, dm=s.dm, causal=s.causal,
                 hoistable=hoistable, padding_mask="padding" in s.mask_kind, e_init=cfg.e_init,
-                max_seq_len=d.max_seq_len)
+                max_seq_len=d.max_seq_len, window=window)
             d.kernel, d.dk, d.num_features = ch.kernel, ch.dk, ch.num_features
             d.flops_after = ch.flops if traced else None
             if cfg.kernel == AUTO or dk == AUTO:
@@ -71,6 +80,12 @@ def decide(model: nn.Module, sites: list[Site], cfg: RewriteConfig, repeated: in
             d.dk = dk if isinstance(dk, int) else None
             d.num_features = cfg.num_features
             s.notes_for_report.append(f"no FLOP estimate: {e}")
+        if window is not None and d.kernel == SOFTMAX and d.dk is None:
+            s.notes_for_report.append(WINDOW_EXACT_NOTE)
+            window = None
+        elif window is not None and d.dk is not None and can_hoist(s, cfg.hoist):
+            s.notes_for_report.append(WINDOW_HOIST_NOTE)
+        d.window = window
         d.hoisted = d.dk is not None and structure
         _dropout_note(s)
 

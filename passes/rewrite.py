@@ -32,15 +32,15 @@ from .site import KVChain, Site, can_hoist
 
 
 def build_attention(site: Site, *, kernel: str, dk: int | None, num_features: int | None,
-                    max_seq_len: int | None, seed: int, e_init: str, backend: str
-                    ) -> FlurkaAttention:
-    """The FlurkaAttention module for one site (kernel/dk already resolved)."""
+                    max_seq_len: int | None, seed: int, e_init: str, backend: str,
+                    window: int | None = None) -> FlurkaAttention:
+    """The FlurkaAttention module for one site (kernel/dk/window already resolved)."""
     return FlurkaAttention(
         kernel=kernel, heads=site.heads, head_dim=site.head_dim, kv_heads=site.kv_heads,
         dk=dk, max_seq_len=max_seq_len if dk is not None else None,
         num_features=num_features if takes_num_features(kernel) else None,
         scale=site.scale, causal=site.causal, dropout=site.dropout_p, e_init=e_init,
-        seed=seed, backend=backend)
+        seed=seed, backend=backend, window=window)
 
 
 def _fix(g, x: Node, fix: list[tuple]) -> Node:

@@ -113,6 +113,7 @@ class Decision:
     hoisted: bool | None = None
     flops_before: int | None = None
     flops_after: int | None = None
+    window: int | None = None  # sliding-window size of the exact part (kernels/window.py)
 
 
 @dataclass
@@ -192,6 +193,7 @@ def can_hoist(site: Site, hoist: bool) -> bool:
     """The one hoisting rule (docs/design.md §3.3), read by the cost model, the planner and both
     rewriters: with ``hoist`` asked, a low-rank site's down-sampling moves above the K/V
     projections when they are known: an ``nn.MultiheadAttention``'s always, a graph site's
-    when its K/V chain was recognised in the (B, H, N, d) layout."""
-    return bool(hoist and (site.pattern == "mha"
+    when its K/V chain was recognised in the (B, H, N, d) layout; never with a sliding window
+    (its exact part reads K and V at full length, so hoisting would only add work)."""
+    return bool(hoist and site.window is None and (site.pattern == "mha"
                            or (site.k_chain is not None and site.layout == "bhnd")))

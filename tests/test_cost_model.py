@@ -24,7 +24,7 @@ from flurka_rewrite.passes.cost_model import (
 )
 
 aten = torch.ops.aten
-KERNELS = ("performer", "relu", "rnn", "ffk", "softmax")
+KERNELS = ("performer", "relu", "rnn", "ffk", "eva", "softmax")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -147,7 +147,7 @@ def test_flops_match_reference(kernel, low, causal, gqa, hoisted):
     for bias in (True, False) if hoisted else (not gqa,):  # unhoisted: one bias per case
         run = dict(causal=causal, hoisted=hoisted, bias=bias, chunk=SIZES["chunk"])
         model = dict(kernel=kernel, dk=dk, **geo, causal=causal, hoisted=hoisted, bias=bias,
-                     chunk_size=SIZES["chunk"])
+                     chunk_size=SIZES["chunk"], max_seq_len=None if dk is None else M + 3)
         torch.manual_seed(0)
         gemm = run_site(kernel, dk, **geo, **run, mode=lambda *_: flop_counter())
         assert site_flops(**model, gemm_only=True) == gemm, f"products, bias={bias}"

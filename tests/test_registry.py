@@ -247,13 +247,18 @@ def test_ffk_flops_with_shared_kv_head() -> None:
 
 
 def test_site_flops_uses_the_map_counts() -> None:
-    """site_flops' feature-map part is the class's count for keys and queries."""
+    """site_flops' feature-map part is the class's count for keys and queries (a
+    ``custom_attention`` map's core is its own ``attention_flops``)."""
     for name in MAPS:
         cls = FEATURE_MAPS[name]
         m, nf = sizes(cls)
         kw = dict(dk=None, B=B, N=N, M=7, H=HX, Hkv=1, dh=DH, num_features=nf,
                   projections=False)
         total = cost_model.site_flops(kernel=name, **kw)
+        if cls.custom_attention:
+            f = cls.attention_flops(B=B, N=N, K=7, H=HX, Hkv=1, dh=DH, m=m, causal=False)
+            assert total == f.gemm + f.elem, name
+            continue
         k = cls.flops(B * 7, DH, m, is_query=False, groups=B)
         q = cls.flops(B * HX * N, DH, m, is_query=True)
         readout = 2 * B * 7 * m * (DH + 1) + 2 * B * HX * N * m * (DH + 1)
