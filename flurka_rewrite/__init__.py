@@ -14,6 +14,7 @@ from .loading import load
 from .saving import save
 from .hf import install_from_pretrained_hook
 from .distill import DistillResult, distill
+from .decoding import DecodeState, init_state, step
 from .lora import FlurkaParametersNotSavedWarning, add_lora, flurka_parameters
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = ["FlurkaAttention", "RewriteConfig", "RewriteReport", "SiteReport", "c
            "__version__"]
 __all__ += ["export_onnx", "load", "save", "distill", "DistillResult", "AllSitesSkippedWarning",
             "AlreadyConvertedWarning"]
+__all__ += ["DecodeState", "init_state", "step"]
 __all__ += ["add_lora", "flurka_parameters", "FlurkaParametersNotSavedWarning"]
 __all__ += ["DkNotBelowLengthWarning"]
 

@@ -29,6 +29,9 @@ from flurka_rewrite.kernels.feature_maps import build_feature_map
 from flurka_rewrite.kernels.registry import (
     SOFTMAX, NameView, check_kernel, feature_map_class, kernel_names,
 )
+from flurka_rewrite.kernels.recurrent import (
+    KernelState, KVCache, causal_continue, empty_state, softmax_continue,
+)
 from flurka_rewrite.kernels.reference import (
     is_exporting,
     lowrank_bands,
@@ -253,6 +256,38 @@ class FlurkaAttention(nn.Module):
         rows = self._keep_cache[key]
         return None if rows is None else rows.expand(batch, -1)
 
+    # -- decoding with a recurrent state (kernels/recurrent.py) --------------------------
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, state: KernelState | KVCache | None,
+               attn_mask: Tensor | None = None, key_padding_mask: Tensor | None = None
+               ) -> tuple[Tensor, KernelState | KVCache]:
+        """Causal attention of n new tokens continuing from ``state`` (None before the first
+        token): (out (B, H, n, dv), the new state: a fixed-size ``KernelState`` for a kernel
+        site, a ``KVCache`` for an exact softmax one). Masks may only be causal."""
+        why = ("it is not causal" if not self.causal else
+               "it has a low-rank projection" if self.dk is not None else
+               "it has a sliding window (not supported in decoding yet)"
+               if getattr(self, "window", None) is not None else
+               f"kernel {self.kernel!r} has no recurrent form"
+               if self.feature_map is not None and self.feature_map.custom_attention else None)
+        if why is not None:
+            raise ValueError(f"decode: this FlurkaAttention cannot continue from a state: {why}")
+        keep = self.key_keep(attn_mask, k.shape[-2]) if attn_mask is not None else None
+        if key_padding_mask is not None:
+            keep = key_padding_mask.bool() if keep is None else keep & key_padding_mask.bool()
+        if keep is not None and not bool(keep.all()):
+            raise ValueError("decode: padded keys are not supported when decoding with a "
+                             "state; decode each sequence without padding")
+        if self.feature_map is None:
+            return softmax_continue(q, k, v, state, scale=self.scale)
+        fm = self.feature_map
+        phi_k, log_scale = fm.causal_key_features(k, None)
+        phi_q = fm(q, is_query=True)
+        if state is None:
+            state = empty_state(k.shape[0], k.shape[1], phi_k.shape[-1], v.shape[-1], q.device)
+        out, state = causal_continue(phi_q, phi_k, v, state, key_log_scale=log_scale,
+                                     eps=self.eps, chunk_size=self.chunk_size)
+        return out.to(q.dtype), state
+
     # -- forward -------------------------------------------------------------------------
     def forward(
         self,
@@ -272,6 +307,9 @@ class FlurkaAttention(nn.Module):
         were already down-sampled by ``project_kv`` from a sequence of that length.
         window_kv: with a window and ``source_len``, the original (B, Hkv, M, d) keys and
         values the window's exact part reads."""
+        hook = getattr(self, "decode_hook", None)  # set while decoding (flurka_rewrite/decoding.py)
+        if hook is not None:
+            return hook(self, q, k, v, attn_mask, key_padding_mask)
         if self.feature_map is not None and self.training:
             step = getattr(self.feature_map, "step", None)
             if step is not None:
