@@ -24,7 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from flurka_rewrite.kernels.dispatch import BACKENDS, attention_core_dispatch
+from flurka_rewrite.kernels.dispatch import (
+    BACKENDS,
+    attention_core_dispatch,
+    fused_lowrank_dispatch,
+)
 from flurka_rewrite.kernels.feature_maps import build_feature_map
 from flurka_rewrite.kernels.registry import (
     SOFTMAX, NameView, check_kernel, feature_map_class, kernel_names,
@@ -325,6 +329,10 @@ class FlurkaAttention(nn.Module):
             keep = key_padding_mask.bool() if keep is None else keep & key_padding_mask.bool()
         full = (k, v) if source_len is None else window_kv  # the window's keys and values
         full_keep = keep
+        if self.dk is not None and source_len is None and getattr(self, "window", None) is None:
+            fused = fused_lowrank_dispatch(self, q, k, v, keep)  # Triton: projection fused
+            if fused is not None:
+                return fused
         if self.dk is not None:
             if source_len is None:
                 k = lowrank_project(k, self._proj("k"), keep, bands=self._bands)

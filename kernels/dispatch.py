@@ -4,15 +4,21 @@
 ``backend="torch"``: always the reference.
 ``backend="triton"``: Triton; on CPU tensors only under ``TRITON_INTERPRET=1``, else an error.
 Never a silent fallback: a Triton request that cannot be served raises and says why.
+
+Low-rank sites (``fused_lowrank_dispatch``, called by ``FlurkaAttention`` before it projects
+K and V): where Triton was chosen, ``lowrank_fusion`` decides between the fused kernel
+(projection, feature map and state in one pass, ``triton_lowrank``) and the unfused path
+(``lowrank_project`` in PyTorch, then the core), and says why; both compute the same result.
 """
 from __future__ import annotations
 
+import math
 import os
 
 from torch import Tensor
 
-from .feature_maps import FeatureMap
-from .reference import attention_core
+from .feature_maps import FeatureMap, PerformerFeatures
+from .reference import attention_core, is_exporting
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -85,3 +91,75 @@ def attention_core_dispatch(
         q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask, causal=causal,
         scale=scale, eps=eps, chunk_size=chunk_size,
     )
+
+
+# A dense (gaussian) E: the fused kernel recomputes E K (E F V) once per (feature, value) tile
+# of the state (triton_lowrank's docstring); it is used while that is at most this many times
+# the unfused GEMM's work, counted at the widest tiles (128 features, 128 value columns).
+# An E with a sparse support (pool) reads only its band of K and V per tile and is always
+# fused (the rows' column ranges, ``support_cols``, whatever dk). Not yet
+# measured on a GPU.
+FUSED_DENSE_MAX_RECOMPUTE = 2
+
+
+def lowrank_fusion(layer, q: Tensor, k: Tensor, v: Tensor) -> tuple[bool, str]:
+    """(use the fused low-rank kernel?, why) for FlurkaAttention ``layer`` on unprojected k, v
+    (B, Hkv, M, d). Hoisted and windowed sites are the caller's to exclude."""
+    fm = layer.feature_map
+    if getattr(layer, "dk", None) is None or layer.causal:
+        return False, "not a (non-causal) low-rank site"
+    if resolve_backend(layer.backend, q.device.type, fm, head_dim=q.shape[-1]) != "triton":
+        return False, "the backend is the PyTorch reference"
+    from .triton_ops import IN_KERNEL_CODES  # triton imports: only once Triton was chosen
+
+    if getattr(fm, "triton_code", None) not in IN_KERNEL_CODES:
+        return False, (f"feature map {getattr(fm, 'name', None)!r} is computed in PyTorch on the "
+                       "projected keys (no in-kernel code): unfused")
+    if k.shape[-2] > layer.E.shape[1]:
+        return False, "sequence longer than max_seq_len: the unfused path raises the error"
+    w = getattr(fm, "W", None)
+    if w is not None and w.shape[1] != q.shape[-1]:
+        return False, "performer W does not match the head dim: the unfused path raises"
+    if not layer._dense:
+        return True, "E with a fixed sparse support (pool): each row block reads its band only"
+    m, dv = fm.num_features, v.shape[-1]
+    tiles_v = math.ceil(dv / 128)
+    performer = fm.triton_code == PerformerFeatures.triton_code
+    redo = math.ceil(m / 128) * tiles_v if performer else tiles_v
+    if redo <= FUSED_DENSE_MAX_RECOMPUTE:
+        return True, f"dense E, E K recomputed {redo}x: fused"
+    return False, (f"dense E, E K would be recomputed {redo}x (> {FUSED_DENSE_MAX_RECOMPUTE}) "
+                   "by the fused kernel: the unfused GEMM is cheaper")
+
+
+def support_cols(layer) -> Tensor:
+    """``triton_lowrank_launch.support_columns`` of a FlurkaAttention's fixed ``E_support``,
+    cached on the layer per (support tensor, version, device) outside export/compile."""
+    from .triton_lowrank_launch import support_columns
+
+    support = layer.E_support
+    if is_exporting():
+        return support_columns(support)
+    key = (id(support), support._version, support.device)
+    hit = layer.__dict__.get("_fused_cols")
+    if hit is None or hit[0] != key:
+        hit = (key, support_columns(support))
+        layer.__dict__["_fused_cols"] = hit
+    return hit[1]
+
+
+def fused_lowrank_dispatch(layer, q: Tensor, k: Tensor, v: Tensor,
+                           key_padding_mask: Tensor | None) -> Tensor | None:
+    """FLuRKA ``layer``'s output from the full-length q, k, v through the fused low-rank
+    Triton kernel when ``lowrank_fusion`` says so, else None (the caller then projects K, V
+    and runs ``attention_core_dispatch``)."""
+    if not lowrank_fusion(layer, q, k, v)[0]:
+        return None
+    from .triton_lowrank_ops import triton_lowrank_core
+
+    M = k.shape[-2]
+    rows = layer._lowrank_keep(M, key_padding_mask, q.shape[0])
+    return triton_lowrank_core(
+        q, k, v, layer._proj("k"), layer._proj("v"), cols=support_cols(layer),
+        feature_map=layer.feature_map, key_padding_mask=key_padding_mask, row_mask=rows,
+        eps=layer.eps)

@@ -13,17 +13,21 @@ O(N/C * m * dv)). This kernel then handles one chunk of C queries of one query h
             / (phi(q_i) z_c + sum_{j <= i in chunk} phi(q_i).phi(k_j) + eps)
 
 with phi(q) computed on the fly per feature block (online row max for the performer) and the
-C x C intra-chunk scores accumulated over feature blocks: never an N x N tensor.
+C x C intra-chunk scores accumulated over feature blocks: never an N x N tensor. The head dim
+is looped in chunks of BLOCK_K (``triton_common``). Value columns are a grid axis, as in
+``flurka_rows_fwd_kernel`` (an accumulator for all of them would be C x next_pow2(dv) fp32):
+a program recomputes phi(q), phi(k) and the C x C scores per BLOCK_DV block, which the
+BLOCK_DV = 256 config limits to two blocks at dv = 325.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .triton_kernels import FMAP_PERFORMER, _feature_pre, _load_rows, _phi
+from .triton_common import FMAP_PERFORMER, _feature_pre, _phi, _rows_prep
 from .triton_tuning import PRUNE, causal_configs
 
-@triton.autotune(configs=causal_configs(), key=["dh", "dv", "m", "CHUNK"],
+@triton.autotune(configs=causal_configs(), key=["dh", "dv", "m", "CHUNK", "BLOCK_K"],
                  prune_configs_by=PRUNE)
 @triton.jit
 def flurka_causal_fwd_kernel(
@@ -32,7 +36,7 @@ def flurka_causal_fwd_kernel(
     N, NC, sqrt_scale, mfac, eps,
     dh: tl.constexpr, dv: tl.constexpr, m: tl.constexpr,
     FMAP: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """q (BH, G*N, dh), k (BH, N, dh), v (BH, N, dv), km/ck (BH, N) fp32 (key mask, key
     stabilizer ls_j), ci (BH, N) running max of ls, ep (BH, NC) the scale (log) of the
@@ -64,18 +68,8 @@ def flurka_causal_fwd_kernel(
     qrow = g * N + pos
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     vmask = offs_v < dv
-    if FMAP == FMAP_PERFORMER:
-        xq = _load_rows(q_ptr, qrow, valid, dh, BLOCK_D)
-        xqf = xq.to(tl.float32)
-        hnq = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xqf * xqf, 1)
-        xk = _load_rows(k_ptr, pos, valid, dh, BLOCK_D)
-        xkf = xk.to(tl.float32)
-        hnk = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xkf * xkf, 1)
-    else:
-        xq = tl.zeros([CHUNK, BLOCK_D], dtype=dt)
-        xk = tl.zeros([CHUNK, BLOCK_D], dtype=dt)
-        hnq = tl.zeros([CHUNK], dtype=tl.float32)
-        hnk = tl.zeros([CHUNK], dtype=tl.float32)
+    xq, hnq = _rows_prep(q_ptr, qrow, valid, dh, sqrt_scale, FMAP, BLOCK_K)
+    xk, hnk = _rows_prep(k_ptr, pos, valid, dh, sqrt_scale, FMAP, BLOCK_K)
     ck = tl.load(ck_ptr + pos, mask=valid, other=0.0)
     km = tl.load(km_ptr + pos, mask=valid, other=0.0)
     c_run = tl.full([CHUNK], float("-inf"), tl.float32)
@@ -87,9 +81,9 @@ def flurka_causal_fwd_kernel(
         offs_f = f0 + tl.arange(0, BLOCK_F)
         fmask = offs_f < m
         uq = _feature_pre(xq, hnq, q_ptr, qrow, valid, w_ptr, f0, dh, m, sqrt_scale,
-                          FMAP, BLOCK_F, BLOCK_D, PREC, DT)
+                          FMAP, BLOCK_F, BLOCK_K, PREC, DT)
         uk = _feature_pre(xk, hnk, k_ptr, pos, valid, w_ptr, f0, dh, m, sqrt_scale,
-                          FMAP, BLOCK_F, BLOCK_D, PREC, DT)
+                          FMAP, BLOCK_F, BLOCK_K, PREC, DT)
         if FMAP == FMAP_PERFORMER:
             uq = tl.where(fmask[None, :], uq, float("-inf"))
             c_new = tl.maximum(c_run, tl.max(uq, 1))

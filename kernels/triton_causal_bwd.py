@@ -20,19 +20,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import FMAP_PERFORMER, _dphi, _feature_pre, _load_rows, _phi
+from .triton_common import (
+    FMAP_PERFORMER,
+    _dphi,
+    _dx_finish,
+    _dx_step,
+    _feature_pre,
+    _phi,
+    _rows_prep,
+    _store_wide_du,
+)
 from .triton_tuning import PRUNE, causal_bwd_configs
 
-@triton.autotune(configs=causal_bwd_configs(), key=["dh", "dv", "m", "CHUNK"],
+@triton.autotune(configs=causal_bwd_configs(), key=["dh", "dv", "m", "CHUNK", "BLOCK_K"],
                  prune_configs_by=PRUNE)
 @triton.jit
 def flurka_causal_bwd_q_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, km_ptr, ck_ptr, ci_ptr, ep_ptr, cq_ptr, a_ptr, b_ptr,
-    s_ptr, z_ptr, w_ptr, dq_ptr,
+    s_ptr, z_ptr, w_ptr, dq_ptr, du_ptr, p_ptr, rs_ptr,
     N, NC, sqrt_scale, mfac,
     dh: tl.constexpr, dv: tl.constexpr, m: tl.constexpr,
     FMAP: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dq for one chunk of C queries of one query head:
     dphi(q_i) = exp(ep - c_i) (a_i dO_i S^T + b_i z) + sum_{j<=i in chunk} M_ij phi(k_j),
@@ -41,6 +50,8 @@ def flurka_causal_bwd_q_kernel(
     (key mask, key stabilizer ls, running max c), ep (BH, NC), cq/a/b (BH, G*N) fp32 (cq: the
     forward's query stabilizer, phi(q) = exp(u - cq)), S (BH, NC, m, dv), z (BH, NC, m): the
     forward's exclusive prefix states. Grid: (BH, G * NC).
+    Wide head dims (dh > BLOCK_K): dU, P (BH, G*N, m) and rs (BH, G*N) are written instead of
+    dq, which ``flurka_dx_kernel`` then forms chunk by chunk (``triton_dx``).
     """
     bh = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
@@ -60,24 +71,16 @@ def flurka_causal_bwd_q_kernel(
     ci_ptr += bh * N
     s_ptr += (bh * NC + ch) * m * dv
     z_ptr += (bh * NC + ch) * m
+    du_ptr += bh * G * N * m
+    p_ptr += bh * G * N * m
+    rs_ptr += bh * G * N
     dt = DT
     offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, BLOCK_D)
     pos = ch * CHUNK + offs_c
     valid = pos < N
     qrow = g * N + pos
-    if FMAP == FMAP_PERFORMER:
-        xq = _load_rows(q_ptr, qrow, valid, dh, BLOCK_D)
-        xqf = xq.to(tl.float32)
-        hnq = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xqf * xqf, 1)
-        xk = _load_rows(k_ptr, pos, valid, dh, BLOCK_D)
-        xkf = xk.to(tl.float32)
-        hnk = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xkf * xkf, 1)
-    else:
-        xq = tl.zeros([CHUNK, BLOCK_D], dtype=dt)
-        xk = tl.zeros([CHUNK, BLOCK_D], dtype=dt)
-        hnq = tl.zeros([CHUNK], dtype=tl.float32)
-        hnk = tl.zeros([CHUNK], dtype=tl.float32)
+    xq, hnq = _rows_prep(q_ptr, qrow, valid, dh, sqrt_scale, FMAP, BLOCK_K)
+    xk, hnk = _rows_prep(k_ptr, pos, valid, dh, sqrt_scale, FMAP, BLOCK_K)
     cq = tl.load(cq_ptr + qrow, mask=valid, other=0.0)
     a = tl.load(a_ptr + qrow, mask=valid, other=0.0)
     b = tl.load(b_ptr + qrow, mask=valid, other=0.0)
@@ -104,17 +107,17 @@ def flurka_causal_bwd_q_kernel(
     else:
         mij = tl.where(causal, mij, 0.0)
         inter = tl.full([CHUNK], 1.0, tl.float32)
-    dxs = tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32)
-    pw = tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32)  # performer: phi(q) W (softmax Jacobian)
+    dxs = tl.zeros([CHUNK, BLOCK_K], dtype=tl.float32)  # one chunk: dU W
+    pw = tl.zeros([CHUNK, BLOCK_K], dtype=tl.float32)  # one chunk: phi(q) W (softmax Jacobian)
     rs = tl.zeros([CHUNK], dtype=tl.float32)
     for f0 in range(0, m, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
         fmask = offs_f < m
         keep = valid[:, None] & fmask[None, :]
         uq = _feature_pre(xq, hnq, q_ptr, qrow, valid, w_ptr, f0, dh, m, sqrt_scale,
-                          FMAP, BLOCK_F, BLOCK_D, PREC, DT)
+                          FMAP, BLOCK_F, BLOCK_K, PREC, DT)
         uk = _feature_pre(xk, hnk, k_ptr, pos, valid, w_ptr, f0, dh, m, sqrt_scale,
-                          FMAP, BLOCK_F, BLOCK_D, PREC, DT)
+                          FMAP, BLOCK_F, BLOCK_K, PREC, DT)
         pq = tl.where(keep, _phi(uq, cq, FMAP), 0.0)  # performer: exp(u - cq), the softmax
         pk = tl.where(keep, _phi(uk, ck, FMAP) * mfac, 0.0)
         dp = tl.dot(mij.to(dt), pk.to(dt), input_precision=PREC)  # intra-chunk
@@ -131,56 +134,50 @@ def flurka_causal_bwd_q_kernel(
         dp += (st * a[:, None] + b[:, None] * zf[None, :]) * inter[:, None]
         du = tl.where(keep, dp * _dphi(uq, pq, FMAP), 0.0)
         if FMAP == FMAP_PERFORMER:
-            w = tl.load(w_ptr + offs_f[:, None] * dh + offs_d[None, :],
-                        mask=fmask[:, None] & (offs_d[None, :] < dh), other=0.0)
-            dxs += tl.dot(du.to(dt), w.to(dt), input_precision=PREC)
             rs += tl.sum(du, 1)
-            pw += tl.dot(pq.to(dt), w.to(dt), input_precision=PREC)
+            if dh > BLOCK_K:
+                _store_wide_du(du_ptr, p_ptr, qrow, valid, offs_f, fmask, du, pq, m, True)
+            else:
+                dxs, pw = _dx_step(dxs, pw, du, pq, keep, w_ptr, offs_f, fmask, dh, BLOCK_K,
+                                   PREC, DT, True)
         else:
             tl.store(dq_ptr + qrow[:, None] * dh + offs_f[None, :],
                      du.to(dq_ptr.dtype.element_ty), mask=keep)
     # performer: phi(q) = softmax(sqrt(s) W q): dq = sqrt(s) W^T (p dP - p (p . dP))
     if FMAP == FMAP_PERFORMER:
-        dx = sqrt_scale * (dxs - rs[:, None] * pw)
-        tl.store(dq_ptr + qrow[:, None] * dh + offs_d[None, :], dx.to(dq_ptr.dtype.element_ty),
-                 mask=valid[:, None] & (offs_d[None, :] < dh))
+        _dx_finish(dq_ptr, rs_ptr, qrow, valid, dxs, pw, rs, xq, dh, sqrt_scale, BLOCK_K, True)
 
 
 @triton.jit
 def _query_block(q_ptr, qrow, valid, keep, cq, w_ptr, f0, dh, m, sqrt_scale,
                  FMAP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_F: tl.constexpr,
-                 BLOCK_D: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr):
+                 BLOCK_K: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr):
     """phi(q) of features [f0, f0 + BLOCK_F) for the query rows qrow (performer: exp(u - cq),
     the softmax over features), zero outside ``keep``: (C, BLOCK_F) fp32."""
-    if FMAP == FMAP_PERFORMER:
-        xq = _load_rows(q_ptr, qrow, valid, dh, BLOCK_D)
-        xqf = xq.to(tl.float32)
-        hnq = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xqf * xqf, 1)
-    else:
-        xq = tl.zeros([CHUNK, BLOCK_D], dtype=DT)
-        hnq = tl.zeros([CHUNK], dtype=tl.float32)
+    xq, hnq = _rows_prep(q_ptr, qrow, valid, dh, sqrt_scale, FMAP, BLOCK_K)
     uq = _feature_pre(xq, hnq, q_ptr, qrow, valid, w_ptr, f0, dh, m, sqrt_scale,
-                      FMAP, BLOCK_F, BLOCK_D, PREC, DT)
+                      FMAP, BLOCK_F, BLOCK_K, PREC, DT)
     return tl.where(keep, _phi(uq, cq, FMAP), 0.0)
 
 
-@triton.autotune(configs=causal_bwd_configs(), key=["dh", "dv", "m", "CHUNK"],
+@triton.autotune(configs=causal_bwd_configs(), key=["dh", "dv", "m", "CHUNK", "BLOCK_K"],
                  prune_configs_by=PRUNE)
 @triton.jit
 def flurka_causal_bwd_k_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, km_ptr, ck_ptr, ci_ptr, ee_ptr, cq_ptr, a_ptr, b_ptr,
-    r_ptr, rz_ptr, w_ptr, dk_ptr,
+    r_ptr, rz_ptr, w_ptr, dk_ptr, du_ptr, rs_ptr,
     N, NC, G, sqrt_scale, mfac,
     dh: tl.constexpr, dv: tl.constexpr, m: tl.constexpr,
     FMAP: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dk for one chunk of C keys, summed over the G query heads of the kv-head:
     dphi(k_j) = mask_j exp(ls_j - e) (R v_j + r) + sum_g sum_{i>=j in chunk} N_ji phi(q_i),
     N_ji = (a_i dO_i . v_j + b_i) exp(ls_j - c_i) mask_j.
     R (BH, NC, m, dv), r (BH, NC, m): exclusive suffix states (later chunks) at scale exp(e),
     e = ee (BH, NC) the running max of ls at the end of the chunk; other arguments as in
-    flurka_causal_bwd_q_kernel; dk (BH, N, dh). Grid: (BH, NC).
+    flurka_causal_bwd_q_kernel; dk (BH, N, dh). Grid: (BH, NC). Wide head dims: dU (BH, N, m)
+    and rs (BH, N) instead of dk, as in the dq kernel.
     """
     bh = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1)
@@ -197,19 +194,13 @@ def flurka_causal_bwd_k_kernel(
     ci_ptr += bh * N
     r_ptr += (bh * NC + ch) * m * dv
     rz_ptr += (bh * NC + ch) * m
+    du_ptr += bh * N * m
+    rs_ptr += bh * N
     dt = DT
     offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, BLOCK_D)
     pos = ch * CHUNK + offs_c
     valid = pos < N
-    if FMAP == FMAP_PERFORMER:
-        xk = _load_rows(k_ptr, pos, valid, dh, BLOCK_D)
-        xkf = xk.to(tl.float32)
-        hnk = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xkf * xkf, 1)
-    else:
-        xk = tl.zeros([CHUNK, BLOCK_D], dtype=dt)
-        xkf = xk.to(tl.float32)
-        hnk = tl.zeros([CHUNK], dtype=tl.float32)
+    xk, hnk = _rows_prep(k_ptr, pos, valid, dh, sqrt_scale, FMAP, BLOCK_K)
     ck = tl.load(ck_ptr + pos, mask=valid, other=0.0)
     km = tl.load(km_ptr + pos, mask=valid, other=0.0)
     real = km > 0
@@ -222,14 +213,14 @@ def flurka_causal_bwd_k_kernel(
     else:
         scl = tl.full([CHUNK, CHUNK], 1.0, tl.float32)
         inter = tl.where(real, 1.0, 0.0)
-    dxs = tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32)
+    dxs = tl.zeros([CHUNK, BLOCK_K], dtype=tl.float32)  # one chunk: dU W
     rs = tl.zeros([CHUNK], dtype=tl.float32)
     for f0 in range(0, m, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
         fmask = offs_f < m
         keep = valid[:, None] & fmask[None, :]
         uk = _feature_pre(xk, hnk, k_ptr, pos, valid, w_ptr, f0, dh, m, sqrt_scale,
-                          FMAP, BLOCK_F, BLOCK_D, PREC, DT)
+                          FMAP, BLOCK_F, BLOCK_K, PREC, DT)
         pk = tl.where(keep, _phi(uk, ck, FMAP) * mfac, 0.0)
         vr = tl.zeros([CHUNK, BLOCK_F], dtype=tl.float32)  # V R^T: later chunks
         for v0 in range(0, dv, BLOCK_DV):
@@ -259,25 +250,25 @@ def flurka_causal_bwd_k_kernel(
                 vg += tl.dot(vc.to(dt), tl.trans(d.to(dt)), input_precision=PREC)
             nji = tl.where(causal, (vg * a[None, :] + b[None, :]) * scl, 0.0)
             pq = _query_block(q_ptr, qrow, valid, keep, cq, w_ptr, f0, dh, m, sqrt_scale,
-                              FMAP, CHUNK, BLOCK_F, BLOCK_D, PREC, DT)
+                              FMAP, CHUNK, BLOCK_F, BLOCK_K, PREC, DT)
             dp += tl.dot(nji.to(dt), pq.to(dt), input_precision=PREC)
             g += 1
         du = tl.where(keep, dp * _dphi(uk, pk, FMAP), 0.0)
         if FMAP == FMAP_PERFORMER:
-            w = tl.load(w_ptr + offs_f[:, None] * dh + offs_d[None, :],
-                        mask=fmask[:, None] & (offs_d[None, :] < dh), other=0.0)
-            dxs += tl.dot(du.to(dt), w.to(dt), input_precision=PREC)
             rs += tl.sum(du, 1)
+            if dh > BLOCK_K:
+                _store_wide_du(du_ptr, du_ptr, pos, valid, offs_f, fmask, du, du, m, False)
+            else:
+                dxs, _unused = _dx_step(dxs, dxs, du, du, keep, w_ptr, offs_f, fmask, dh,
+                                        BLOCK_K, PREC, DT, False)
         else:
             tl.store(dk_ptr + pos[:, None] * dh + offs_f[None, :],
                      du.to(dk_ptr.dtype.element_ty), mask=keep)
     if FMAP == FMAP_PERFORMER:  # u = sqrt(s) W k - s |k|^2 / 2  =>  du/dk = sqrt(s) w - s k
-        dx = sqrt_scale * dxs - (sqrt_scale * sqrt_scale) * rs[:, None] * xkf
-        tl.store(dk_ptr + pos[:, None] * dh + offs_d[None, :], dx.to(dk_ptr.dtype.element_ty),
-                 mask=valid[:, None] & (offs_d[None, :] < dh))
+        _dx_finish(dk_ptr, rs_ptr, pos, valid, dxs, dxs, rs, xk, dh, sqrt_scale, BLOCK_K, False)
 
 
-@triton.autotune(configs=causal_bwd_configs(), key=["dh", "dv", "m", "CHUNK"],
+@triton.autotune(configs=causal_bwd_configs(), key=["dh", "dv", "m", "CHUNK", "BLOCK_K"],
                  prune_configs_by=PRUNE)
 @triton.jit
 def flurka_causal_bwd_v_kernel(
@@ -286,7 +277,7 @@ def flurka_causal_bwd_v_kernel(
     N, NC, G, sqrt_scale, mfac,
     dh: tl.constexpr, dv: tl.constexpr, m: tl.constexpr,
     FMAP: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dv for one chunk of C keys, summed over the G query heads of the kv-head:
     dv_j = mask_j exp(ls_j - e) R^T phi(k_j) + sum_g sum_{i>=j in chunk} A_ji a_i dO_i,
@@ -313,13 +304,7 @@ def flurka_causal_bwd_v_kernel(
     valid = pos < N
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     vmask = offs_v < dv
-    if FMAP == FMAP_PERFORMER:
-        xk = _load_rows(k_ptr, pos, valid, dh, BLOCK_D)
-        xkf = xk.to(tl.float32)
-        hnk = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xkf * xkf, 1)
-    else:
-        xk = tl.zeros([CHUNK, BLOCK_D], dtype=dt)
-        hnk = tl.zeros([CHUNK], dtype=tl.float32)
+    xk, hnk = _rows_prep(k_ptr, pos, valid, dh, sqrt_scale, FMAP, BLOCK_K)
     ck = tl.load(ck_ptr + pos, mask=valid, other=0.0)
     km = tl.load(km_ptr + pos, mask=valid, other=0.0)
     real = km > 0
@@ -342,10 +327,10 @@ def flurka_causal_bwd_v_kernel(
             offs_f = f0 + tl.arange(0, BLOCK_F)
             keep = valid[:, None] & (offs_f[None, :] < m)
             uk = _feature_pre(xk, hnk, k_ptr, pos, valid, w_ptr, f0, dh, m, sqrt_scale,
-                              FMAP, BLOCK_F, BLOCK_D, PREC, DT)
+                              FMAP, BLOCK_F, BLOCK_K, PREC, DT)
             pk = tl.where(keep, _phi(uk, ck, FMAP) * mfac, 0.0)
             pq = _query_block(q_ptr, qrow, valid, keep, cq, w_ptr, f0, dh, m, sqrt_scale,
-                              FMAP, CHUNK, BLOCK_F, BLOCK_D, PREC, DT)
+                              FMAP, CHUNK, BLOCK_F, BLOCK_K, PREC, DT)
             scores += tl.dot(pk.to(dt), tl.trans(pq.to(dt)), input_precision=PREC)
         a = tl.load(a_ptr + qrow, mask=valid, other=0.0)
         # scores / den_i: attention weights in [0, 1], safe to round to a 16-bit dtype
@@ -360,7 +345,7 @@ def flurka_causal_bwd_v_kernel(
         fmask = offs_f < m
         keep = valid[:, None] & fmask[None, :]
         uk = _feature_pre(xk, hnk, k_ptr, pos, valid, w_ptr, f0, dh, m, sqrt_scale,
-                          FMAP, BLOCK_F, BLOCK_D, PREC, DT)
+                          FMAP, BLOCK_F, BLOCK_K, PREC, DT)
         pk = tl.where(keep, _phi(uk, ck, FMAP) * mfac, 0.0)
         r = tl.load(r_ptr + offs_f[:, None] * dv + offs_v[None, :],
                     mask=fmask[:, None] & vmask[None, :], other=0.0)

@@ -21,79 +21,37 @@ Kernels:
                           with an online row max for the performer (MODE 0), a * phi(x) S with a
                           given stabilizer (MODE 1, dV), or only the row max of u (MODE 2)
   flurka_rows_bwd_kernel  dx of sum_f phi(x)_f * (a (g . T_f) + beta t_f): dQ and dK
+Head dims: looped in chunks of the constexpr BLOCK_K (``triton_common``): one chunk, the row
+tile kept in registers, when dh <= BLOCK_K (dh <= 128: the launcher sets BLOCK_K to dh's
+next power of two); above that no tile is wider than BLOCK_K in dh (dh = 325: 6 chunks of 64).
+Value columns stay a grid axis (BLOCK_DV, autotuned): an accumulator for all dv columns of a
+row block is (BLOCK_R, next_pow2(dv)) fp32 and Triton has no list of tiles to split it into
+chunks, so phi(x) is computed once per row block only when a config's BLOCK_DV covers dv
+(the wide configs of ``triton_tuning``: BLOCK_DV up to 512 with 32 rows, a 64 KiB
+accumulator); narrower configs trade recomputing phi(x) for occupancy, and the autotuner picks.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .feature_maps import EluFeatures, PerformerFeatures, ReluFeatures
-from .registry import TRITON_IDENTITY
+from .triton_common import (  # noqa: F401 - the FMAP_* names are re-exported
+    FMAP_ELU,
+    FMAP_IDENTITY,
+    FMAP_PERFORMER,
+    FMAP_RELU,
+    _dphi,
+    _dx_finish,
+    _dx_step,
+    _feature_pre,
+    _phi,
+    _rows_prep,
+    _store_wide_du,
+)
 from .triton_tuning import PRUNE, rows_bwd_configs, rows_fwd_configs, state_configs
 
-# FMAP codes from the registry, as constexpr globals (the only globals a jit function may read)
-FMAP_IDENTITY = tl.constexpr(TRITON_IDENTITY)
-FMAP_RELU = tl.constexpr(ReluFeatures.triton_code)
-FMAP_ELU = tl.constexpr(EluFeatures.triton_code)
-FMAP_PERFORMER = tl.constexpr(PerformerFeatures.triton_code)
 
-
-@triton.jit
-def _load_rows(x_ptr, row, valid, dh, BLOCK_D: tl.constexpr):
-    """Row tile x[row, :dh] -> (BLOCK_R, BLOCK_D) in the input dtype, zero outside."""
-    offs_d = tl.arange(0, BLOCK_D)
-    return tl.load(x_ptr + row[:, None] * dh + offs_d[None, :],
-                   mask=valid[:, None] & (offs_d[None, :] < dh), other=0.0)
-
-
-@triton.jit
-def _feature_pre(x, hn, x_ptr, row, valid, w_ptr, f0, dh, m, sqrt_scale,
-                 FMAP: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PREC: tl.constexpr, DT: tl.constexpr):
-    """Pre-activation u of features [f0, f0 + BLOCK_F) for a row tile: (BLOCK_R, BLOCK_F) fp32.
-    Performer: u = sqrt(s) x W^T - hn (hn = s |x|^2 / 2); elementwise maps: u = x[:, f]."""
-    offs_f = f0 + tl.arange(0, BLOCK_F)
-    fmask = offs_f < m
-    if FMAP == FMAP_PERFORMER:
-        offs_d = tl.arange(0, BLOCK_D)
-        w = tl.load(w_ptr + offs_f[:, None] * dh + offs_d[None, :],
-                    mask=fmask[:, None] & (offs_d[None, :] < dh), other=0.0)
-        u = tl.dot(x.to(DT), tl.trans(w.to(DT)), input_precision=PREC) * sqrt_scale - hn[:, None]
-    else:
-        u = tl.load(x_ptr + row[:, None] * dh + offs_f[None, :],
-                    mask=valid[:, None] & fmask[None, :], other=0.0).to(tl.float32)
-    return u
-
-
-@triton.jit
-def _phi(u, c, FMAP: tl.constexpr):
-    """phi from the pre-activation; the performer's m^-1/2 is applied by the caller."""
-    if FMAP == FMAP_IDENTITY:
-        p = u
-    elif FMAP == FMAP_RELU:
-        p = tl.maximum(u, 0.0) + 1e-3
-    elif FMAP == FMAP_ELU:
-        p = tl.where(u > 0, u + 1.0, tl.exp(u))
-    else:  # FMAP_PERFORMER
-        p = tl.exp(u - c[:, None])
-    return p
-
-
-@triton.jit
-def _dphi(u, p, FMAP: tl.constexpr):
-    """d phi / d u given u and p = phi(u) (for the performer: the full phi, mfac included)."""
-    if FMAP == FMAP_IDENTITY:
-        d = tl.full(u.shape, 1.0, tl.float32)
-    elif FMAP == FMAP_RELU:
-        d = tl.where(u > 0, 1.0, 0.0)
-    elif FMAP == FMAP_ELU:
-        d = tl.where(u > 0, 1.0, p)
-    else:  # FMAP_PERFORMER
-        d = p
-    return d
-
-
-@triton.autotune(configs=state_configs(), key=["dh", "dv", "m", "CHUNK"],
+@triton.autotune(configs=state_configs(), key=["dh", "dv", "m", "CHUNK", "BLOCK_K"],
                  prune_configs_by=PRUNE)
 @triton.jit
 def flurka_state_kernel(
@@ -101,7 +59,7 @@ def flurka_state_kernel(
     L, CHUNK, NCHUNK, sqrt_scale, mfac,  # sizes / scalars
     dh: tl.constexpr, dv: tl.constexpr, m: tl.constexpr,
     FMAP: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """State of one chunk of rows: S[f, d] = sum_r a_r phi(x_r)_f y_r[d], z[f] = sum_r b_r phi_f.
 
@@ -132,16 +90,10 @@ def flurka_state_kernel(
         pos = ch * CHUNK + offs_r
         valid = (pos < L) & (offs_r < CHUNK)
         row = pos
-        if FMAP == FMAP_PERFORMER:
-            x = _load_rows(x_ptr, row, valid, dh, BLOCK_D)
-            xf = x.to(tl.float32)
-            hn = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xf * xf, 1)
-        else:
-            x = tl.zeros([BLOCK_R, BLOCK_D], dtype=dt)
-            hn = tl.zeros([BLOCK_R], dtype=tl.float32)
+        x, hn = _rows_prep(x_ptr, row, valid, dh, sqrt_scale, FMAP, BLOCK_K)
         c = tl.load(c_ptr + row, mask=valid, other=0.0)
         u = _feature_pre(x, hn, x_ptr, row, valid, w_ptr, f0, dh, m, sqrt_scale,
-                         FMAP, BLOCK_F, BLOCK_D, PREC, DT)
+                         FMAP, BLOCK_F, BLOCK_K, PREC, DT)
         p = _phi(u, c, FMAP) * mfac
         p = tl.where(valid[:, None] & (offs_f[None, :] < m), p, 0.0)
         a = tl.load(a_ptr + row, mask=valid, other=0.0)
@@ -160,15 +112,16 @@ def flurka_state_kernel(
         tl.store(z_ptr + base + offs_f, zacc, mask=fmask)
 
 
-@triton.autotune(configs=rows_fwd_configs(), key=["dh", "dv", "m", "MODE"],
+@triton.autotune(configs=rows_fwd_configs(), key=["dh", "dv", "m", "MODE", "BLOCK_K", "FSCALE"],
                  prune_configs_by=PRUNE)
 @triton.jit
 def flurka_rows_fwd_kernel(
-    x_ptr, s_ptr, z_ptr, w_ptr, a_ptr, c_ptr, out_ptr, den_ptr,  # pointers
+    x_ptr, s_ptr, z_ptr, w_ptr, a_ptr, c_ptr, out_ptr, den_ptr, cf_ptr,  # pointers
     R, sqrt_scale, mfac, eps,  # sizes / scalars
     dh: tl.constexpr, dv: tl.constexpr, m: tl.constexpr,
     FMAP: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    FSCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Per row block, phi(x) computed on the fly and contracted with the state S (m, dv):
 
@@ -177,6 +130,9 @@ def flurka_rows_fwd_kernel(
             den = phi(x) z + eps are written for the backward.
     MODE 1: out = a * phi(x) S with the stabilizer read from c_ptr (dV = mask * phi(K) dS).
     MODE 2: only c = row max of u (performer), written to c_ptr.
+    FSCALE (MODE 0): feature f of S, z is at its own log scale cf[f] (BH, m) fp32 (the fused
+    low-rank state, ``triton_lowrank``); each is read as S_f exp(cf_f - c*), c* = max_f cf_f,
+    the common scale of the reference.
     x (BH, R, dh), S (BH, m, dv) fp32, z (BH, m) fp32, a/c/den (BH, R) fp32, out (BH, R, dv).
     Grid: (BH, cdiv(R, BLOCK_R), cdiv(dv, BLOCK_DV)).
     """
@@ -195,13 +151,7 @@ def flurka_rows_fwd_kernel(
     valid = row < R
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     vmask = offs_v < dv
-    if FMAP == FMAP_PERFORMER:
-        x = _load_rows(x_ptr, row, valid, dh, BLOCK_D)
-        xf = x.to(tl.float32)
-        hn = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xf * xf, 1)
-    else:
-        x = tl.zeros([BLOCK_R, BLOCK_D], dtype=dt)
-        hn = tl.zeros([BLOCK_R], dtype=tl.float32)
+    x, hn = _rows_prep(x_ptr, row, valid, dh, sqrt_scale, FMAP, BLOCK_K)
     if MODE == 1:
         c_run = tl.load(c_ptr + row, mask=valid, other=0.0)
     else:
@@ -209,11 +159,18 @@ def flurka_rows_fwd_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
     den = tl.zeros([BLOCK_R], dtype=tl.float32)
     lse = tl.zeros([BLOCK_R], dtype=tl.float32)  # performer queries: sum_f exp(u_f - c)
+    if FSCALE:
+        cf_ptr += bh * m
+        cmax = tl.full([BLOCK_F], -1e30, tl.float32)
+        for f0 in range(0, m, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            cmax = tl.maximum(cmax, tl.load(cf_ptr + offs_f, mask=offs_f < m, other=-1e30))
+        cstar = tl.max(cmax, 0)
     for f0 in range(0, m, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
         fmask = offs_f < m
         u = _feature_pre(x, hn, x_ptr, row, valid, w_ptr, f0, dh, m, sqrt_scale,
-                         FMAP, BLOCK_F, BLOCK_D, PREC, DT)
+                         FMAP, BLOCK_F, BLOCK_K, PREC, DT)
         if FMAP == FMAP_PERFORMER and MODE != 1:
             u = tl.where(fmask[None, :], u, float("-inf"))
             c_new = tl.maximum(c_run, tl.max(u, 1))
@@ -226,9 +183,14 @@ def flurka_rows_fwd_kernel(
             p = tl.where(fmask[None, :], p, 0.0)
             s = tl.load(s_ptr + offs_f[:, None] * dv + offs_v[None, :],
                         mask=fmask[:, None] & vmask[None, :], other=0.0)
+            if FSCALE:
+                fs = tl.exp(tl.load(cf_ptr + offs_f, mask=fmask, other=-1e30) - cstar)
+                s = s * fs[:, None]
             acc = acc * alpha[:, None] + tl.dot(p.to(dt), s.to(dt), input_precision=PREC)
             if MODE == 0:
                 zf = tl.load(z_ptr + offs_f, mask=fmask, other=0.0)
+                if FSCALE:
+                    zf = zf * fs
                 den = den * alpha + tl.sum(p * zf[None, :], 1)
                 lse = lse * alpha + tl.sum(p, 1)
     if MODE == 0:
@@ -256,21 +218,24 @@ def flurka_rows_fwd_kernel(
         tl.store(c_ptr + row, c_run, mask=valid)
 
 
-@triton.autotune(configs=rows_bwd_configs(), key=["dh", "dv", "m"],
+@triton.autotune(configs=rows_bwd_configs(), key=["dh", "dv", "m", "QUERY", "BLOCK_K"],
                  prune_configs_by=PRUNE)
 @triton.jit
 def flurka_rows_bwd_kernel(
-    x_ptr, g_ptr, a_ptr, beta_ptr, c_ptr, t_ptr, tz_ptr, w_ptr, dx_ptr,  # pointers
+    x_ptr, g_ptr, a_ptr, beta_ptr, c_ptr, t_ptr, tz_ptr, w_ptr, dx_ptr, du_ptr, p_ptr, rs_ptr,
     R, sqrt_scale, mfac,  # sizes / scalars
     dh: tl.constexpr, dv: tl.constexpr, m: tl.constexpr,
     FMAP: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr, QUERY: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dx for rows x given dP = a (g T^T) + beta t^T, with P = phi(x) (mfac included):
     queries: g = dO, a = 1/den, beta = -(dO . O)/den, T = S, t = z;
     keys:    g = V,  a = beta = mask, T = dS, t = dz.
     x (BH, R, dh), g (BH, R, dv), a/beta/c (BH, R) fp32, T (BH, m, dv), t (BH, m) fp32,
     dx (BH, R, dh). Grid: (BH, cdiv(R, BLOCK_R)).
+    Performer, dh > BLOCK_K: dx = dU W needs every feature, so the kernel writes dU (and, for
+    queries, P) (BH, R, m) and rs = sum_f dU_f (BH, R) instead, and ``flurka_dx_kernel`` then
+    forms dx chunk by chunk (no tile wider than BLOCK_K in dh; see ``triton_dx``).
     QUERY (performer): phi(q) = softmax_f(sqrt(s) W q) (c = its log-sum-exp, mfac = 1; the
     row constant -s|q|^2/2 cancels), differentiated through the normalisation like the
     reference; keys: phi(k) = mfac exp(u - c) with a detached c.
@@ -285,23 +250,18 @@ def flurka_rows_bwd_kernel(
     a_ptr += bh * R
     beta_ptr += bh * R
     c_ptr += bh * R
+    du_ptr += bh * R * m
+    p_ptr += bh * R * m
+    rs_ptr += bh * R
     dt = DT
     row = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     valid = row < R
-    offs_d = tl.arange(0, BLOCK_D)
-    if FMAP == FMAP_PERFORMER:
-        x = _load_rows(x_ptr, row, valid, dh, BLOCK_D)
-        xf = x.to(tl.float32)
-        hn = 0.5 * sqrt_scale * sqrt_scale * tl.sum(xf * xf, 1)
-    else:
-        x = tl.zeros([BLOCK_R, BLOCK_D], dtype=dt)
-        xf = x.to(tl.float32)
-        hn = tl.zeros([BLOCK_R], dtype=tl.float32)
+    x, hn = _rows_prep(x_ptr, row, valid, dh, sqrt_scale, FMAP, BLOCK_K)
     c = tl.load(c_ptr + row, mask=valid, other=0.0)
     a = tl.load(a_ptr + row, mask=valid, other=0.0)
     beta = tl.load(beta_ptr + row, mask=valid, other=0.0)
-    dxs = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    pw = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # queries: phi W (softmax Jacobian)
+    dxs = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # one chunk: dU W
+    pw = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # one chunk, queries: P W
     rs = tl.zeros([BLOCK_R], dtype=tl.float32)
     for f0 in range(0, m, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
@@ -318,26 +278,19 @@ def flurka_rows_bwd_kernel(
         tz = tl.load(tz_ptr + offs_f, mask=fmask, other=0.0)
         dp = gt * a[:, None] + beta[:, None] * tz[None, :]
         u = _feature_pre(x, hn, x_ptr, row, valid, w_ptr, f0, dh, m, sqrt_scale,
-                         FMAP, BLOCK_F, BLOCK_D, PREC, DT)
+                         FMAP, BLOCK_F, BLOCK_K, PREC, DT)
         p = _phi(u, c, FMAP) * mfac
         du = dp * _dphi(u, p, FMAP)
         du = tl.where(valid[:, None] & fmask[None, :], du, 0.0)
         if FMAP == FMAP_PERFORMER:
-            w = tl.load(w_ptr + offs_f[:, None] * dh + offs_d[None, :],
-                        mask=fmask[:, None] & (offs_d[None, :] < dh), other=0.0)
-            dxs += tl.dot(du.to(dt), w.to(dt), input_precision=PREC)
             rs += tl.sum(du, 1)
-            if QUERY:
-                pm = tl.where(valid[:, None] & fmask[None, :], p, 0.0)
-                pw += tl.dot(pm.to(dt), w.to(dt), input_precision=PREC)
+            if dh > BLOCK_K:
+                _store_wide_du(du_ptr, p_ptr, row, valid, offs_f, fmask, du, p, m, QUERY)
+            else:
+                dxs, pw = _dx_step(dxs, pw, du, p, valid[:, None] & fmask[None, :], w_ptr,
+                                   offs_f, fmask, dh, BLOCK_K, PREC, DT, QUERY)
         else:
             tl.store(dx_ptr + row[:, None] * dh + offs_f[None, :],
                      du.to(dx_ptr.dtype.element_ty), mask=valid[:, None] & fmask[None, :])
     if FMAP == FMAP_PERFORMER:
-        # u = sqrt(s) x.w - s |x|^2 / 2  =>  du/dx = sqrt(s) w - s x
-        if QUERY:  # phi = softmax(sqrt(s) W x): dx = sqrt(s) W^T (p dP - p (p . dP))
-            dx = sqrt_scale * (dxs - rs[:, None] * pw)
-        else:
-            dx = sqrt_scale * dxs - (sqrt_scale * sqrt_scale) * rs[:, None] * xf
-        tl.store(dx_ptr + row[:, None] * dh + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=valid[:, None] & (offs_d[None, :] < dh))
+        _dx_finish(dx_ptr, rs_ptr, row, valid, dxs, pw, rs, x, dh, sqrt_scale, BLOCK_K, QUERY)

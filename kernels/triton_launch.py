@@ -3,8 +3,13 @@ backward passes of the fused core as plain functions of tensors (no autograd her
 
 Layout: q (B, H, N, dh) is viewed as (B*Hkv, G*N, dh), G = H // Hkv, so the G query heads that
 share a kv-head lie in one slab and share one state; k (B*Hkv, M, dh), v (B*Hkv, M, dv).
+Head dims run in chunks of BLOCK_K (``block_k``); above it the performer's dx takes a second
+kernel (``triton_dx.flurka_dx_kernel``) over dU buffers that the row kernels write
+(``_wide_buffers``, ``_launch_dx``).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -17,6 +22,7 @@ from .triton_causal_bwd import (
     flurka_causal_bwd_q_kernel,
     flurka_causal_bwd_v_kernel,
 )
+from .triton_dx import flurka_dx_kernel
 from .triton_kernels import (
     FMAP_PERFORMER,
     flurka_rows_bwd_kernel,
@@ -45,8 +51,46 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.float16 if dtype == torch.float16 else tl.float32
 
 
-def _block_d(dh: int) -> int:
-    return max(16, triton.next_power_of_2(dh))
+def block_k(dh: int) -> int:
+    """Head-dim chunk BLOCK_K of the kernels: dh's next power of two (at least 16) up to 128,
+    one chunk, the row tile kept in registers; 64 for wider heads (dh = 325: 6 chunks).
+    FLURKA_TRITON_BLOCK_K (a power of two >= 16) overrides it for every dh (GPU sweeps; tests
+    of the chunked path at small dh)."""
+    env = os.environ.get("FLURKA_TRITON_BLOCK_K", "")
+    if env:
+        bk = int(env)
+        if bk < 16 or bk & (bk - 1):
+            raise ValueError(f"FLURKA_TRITON_BLOCK_K must be a power of two >= 16; got {bk}")
+        return bk
+    return max(16, triton.next_power_of_2(dh)) if dh <= 128 else 64
+
+
+def _wide_buffers(x: Tensor, m: int, fmap: int, query: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dU, P, rs) for the performer's dx at dh > BLOCK_K: dU and (queries) P (BH, R, m) in
+    the dot operand precision (fp32 for fp32 inputs, else the 16-bit input dtype; see
+    ``triton_dx``), rs (BH, R) fp32; empty placeholders otherwise."""
+    BH, R, dh = x.shape
+    if fmap != PERFORMER or dh <= block_k(dh):
+        e = x.new_empty(0, dtype=torch.float32)
+        return e, e, e
+    dt = torch.float32 if x.dtype == torch.float32 else x.dtype
+    du = torch.empty(BH, R, m, device=x.device, dtype=dt)
+    p = torch.empty_like(du) if query else du.new_empty(0)
+    return du, p, torch.empty(BH, R, device=x.device, dtype=torch.float32)
+
+
+def _launch_dx(bufs: tuple[Tensor, Tensor, Tensor], x: Tensor, w: Tensor, dx: Tensor, *,
+               sqrt_s: float, query: bool) -> None:
+    """dx = dU W chunk by chunk (``flurka_dx_kernel``) when the row kernel wrote dU (wide)."""
+    du, p, rs = bufs
+    if du.numel() == 0:
+        return
+    BH, R, dh = x.shape
+    def grid(meta):
+        return (triton.cdiv(dh, meta["BLOCK_K"]), triton.cdiv(R, meta["BLOCK_R"]), BH)
+
+    flurka_dx_kernel[grid](du, p if query else du, rs, x, w, dx, R, sqrt_s, dh, du.shape[-1],
+                           QUERY=query, PREC=_prec(x.dtype), DT=_dot_dtype(x.dtype))
 
 
 def _consts(fmap: int, w: Tensor | None, dh: int, scale: float) -> tuple[int, float, float]:
@@ -75,23 +119,24 @@ def launch_state(x: Tensor, y: Tensor, a: Tensor, b: Tensor, c: Tensor, w: Tenso
 
     flurka_state_kernel[grid](
         x, y, a, b, c, w, S, z, L, chunk, nc, sqrt_s, mfac, dh, dv, m,
-        FMAP=fmap, PREC=_prec(x.dtype), DT=_dot_dtype(x.dtype), BLOCK_D=_block_d(dh))
+        FMAP=fmap, PREC=_prec(x.dtype), DT=_dot_dtype(x.dtype), BLOCK_K=block_k(dh))
     return S, z
 
 
 def launch_rows_fwd(x: Tensor, S: Tensor, z: Tensor, w: Tensor, a: Tensor, c: Tensor,
                     out: Tensor, den: Tensor, *, mode: int, fmap: int, m: int, sqrt_s: float,
-                    mfac: float, eps: float) -> None:
-    """Run flurka_rows_fwd_kernel (see its docstring for the modes) on x (BH, R, dh)."""
+                    mfac: float, eps: float, cf: Tensor | None = None) -> None:
+    """Run flurka_rows_fwd_kernel (see its docstring for the modes) on x (BH, R, dh); cf
+    (BH, m): per-feature log scales of S, z (FSCALE, the fused low-rank state)."""
     BH, R, dh = x.shape
     dv = S.shape[-1]
     def grid(meta):
         return (BH, triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(dv, meta["BLOCK_DV"]))
 
     flurka_rows_fwd_kernel[grid](
-        x, S, z, w, a, c, out, den, R, sqrt_s, mfac, eps, dh, dv, m,
+        x, S, z, w, a, c, out, den, z if cf is None else cf, R, sqrt_s, mfac, eps, dh, dv, m,
         FMAP=fmap, MODE=mode, PREC=_prec(x.dtype), DT=_dot_dtype(x.dtype),
-        BLOCK_D=_block_d(dh))
+        FSCALE=cf is not None, BLOCK_K=block_k(dh))
 
 
 def launch_rows_bwd(x: Tensor, g: Tensor, a: Tensor, beta: Tensor, c: Tensor, T: Tensor,
@@ -101,11 +146,13 @@ def launch_rows_bwd(x: Tensor, g: Tensor, a: Tensor, beta: Tensor, c: Tensor, T:
     BH, R, dh = x.shape
     dv = g.shape[-1]
     dx = torch.empty_like(x)
+    bufs = _wide_buffers(x, m, fmap, query)
     grid = lambda meta: (BH, triton.cdiv(R, meta["BLOCK_R"]))  # noqa: E731
     flurka_rows_bwd_kernel[grid](
-        x, g, a, beta, c, T, tz, w, dx, R, sqrt_s, mfac, dh, dv, m,
+        x, g, a, beta, c, T, tz, w, dx, *bufs, R, sqrt_s, mfac, dh, dv, m,
         FMAP=fmap, PREC=_prec(x.dtype), DT=_dot_dtype(x.dtype), QUERY=query,
-        BLOCK_D=_block_d(dh))
+        BLOCK_K=block_k(dh))
+    _launch_dx(bufs, x, w, dx, sqrt_s=sqrt_s, query=query)
     return dx
 
 
@@ -174,7 +221,7 @@ def core_forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor | None, mask: Tensor
     flurka_causal_fwd_kernel[grid](
         q3, k3, v3, maskf, ck, ci, ep, S, z, wt, out, cq, den, N, nc, sqrt_s, mfac, eps,
         dh, dv, m, FMAP=fmap, PREC=_prec(q.dtype), DT=_dot_dtype(q.dtype), CHUNK=C,
-        BLOCK_D=_block_d(dh))
+        BLOCK_K=block_k(dh))
     return out.view(B, H, N, dv), cq, den, ck, S, z
 
 
@@ -322,18 +369,22 @@ def causal_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor | N
     Dc = Dc.view(BH, G, nc, m, dv).sum(1)
     dc = dc.view(BH, G, nc, m).sum(1)
     Rs, rz = _reverse_exclusive_scan(Dc, dc, scan_scale)
-    prec, dt, bd = _prec(q.dtype), _dot_dtype(q.dtype), _block_d(dh)
+    prec, dt, bk = _prec(q.dtype), _dot_dtype(q.dtype), block_k(dh)
     dq = torch.empty_like(q3)
+    qbufs = _wide_buffers(q3, m, fmap, query=True)
     flurka_causal_bwd_q_kernel[(BH, G * nc)](
-        q3, k3, v3, do3, maskf, ck, ci, ep, cq, aq, bq, S, z, wt, dq, N, nc, sqrt_s, mfac,
-        dh, dv, m, FMAP=fmap, PREC=prec, DT=dt, CHUNK=C, BLOCK_D=bd)
+        q3, k3, v3, do3, maskf, ck, ci, ep, cq, aq, bq, S, z, wt, dq, *qbufs, N, nc, sqrt_s,
+        mfac, dh, dv, m, FMAP=fmap, PREC=prec, DT=dt, CHUNK=C, BLOCK_K=bk)
+    _launch_dx(qbufs, q3, wt, dq, sqrt_s=sqrt_s, query=True)
     dk = torch.empty_like(k3)
+    du, _, rs = _wide_buffers(k3, m, fmap, query=False)
     flurka_causal_bwd_k_kernel[(BH, nc)](
-        q3, k3, v3, do3, maskf, ck, ci, e_end, cq, aq, bq, Rs, rz, wt, dk, N, nc, G, sqrt_s,
-        mfac, dh, dv, m, FMAP=fmap, PREC=prec, DT=dt, CHUNK=C, BLOCK_D=bd)
+        q3, k3, v3, do3, maskf, ck, ci, e_end, cq, aq, bq, Rs, rz, wt, dk, du, rs, N, nc, G,
+        sqrt_s, mfac, dh, dv, m, FMAP=fmap, PREC=prec, DT=dt, CHUNK=C, BLOCK_K=bk)
+    _launch_dx((du, du, rs), k3, wt, dk, sqrt_s=sqrt_s, query=False)
     dvv = torch.empty_like(v3)
     grid = lambda meta: (BH, nc, triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
     flurka_causal_bwd_v_kernel[grid](
         q3, k3, do3, maskf, ck, ci, e_end, cq, aq, Rs, wt, dvv, N, nc, G, sqrt_s, mfac,
-        dh, dv, m, FMAP=fmap, PREC=prec, DT=dt, CHUNK=C, BLOCK_D=bd)
+        dh, dv, m, FMAP=fmap, PREC=prec, DT=dt, CHUNK=C, BLOCK_K=bk)
     return dq.view(q.shape), dk.view(k.shape), dvv.view(v.shape)

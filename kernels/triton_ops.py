@@ -1,12 +1,18 @@
 """FLuRKA attention core on Triton: custom ops, autograd, and the public entry point.
 
 Layering (docs/style.md §7): kernels (``triton_kernels``, ``triton_causal``,
-``triton_causal_bwd``) -> launchers (``triton_launch``) -> ``torch.library`` custom ops
-``flurka_rewrite::flurka_core_fwd`` / ``flurka_core_bwd`` (with fake implementations, so
-``torch.compile`` and ``torch.export`` see one opaque node) -> one ``torch.autograd.Function``
+``triton_causal_bwd``, ``triton_dx``; shared jit helpers in ``triton_common``) -> launchers
+(``triton_launch``) -> ``torch.library`` custom ops ``flurka_rewrite::flurka_core_fwd`` /
+``flurka_core_bwd`` (with fake implementations, so ``torch.compile`` and ``torch.export`` see
+one opaque node) -> one ``torch.autograd.Function``
 per kernel family (non-causal, causal) -> ``triton_attention_core``, which
 ``dispatch.attention_core_dispatch`` calls and which returns what ``reference.attention_core``
 returns.
+
+Low-rank sites (non-causal, unhoisted, in-kernel maps; ``dispatch.lowrank_fusion`` decides):
+``flurka_core_fwd_lowrank`` / ``flurka_core_bwd_lowrank`` and ``FlurkaLowrankCoreFunction``
+take the full-length K, V with E, F (``triton_lowrank``: projection, phi(K~) and the state in
+one kernel; gradients of q, k, v, E, F), entry point ``triton_lowrank_core``.
 
 Feature maps: a map whose class declares a ``triton_code`` (performer, relu, rnn) is computed
 inside the kernels (phi(Q) is never stored). A map without one (``triton_code = None``: ffk,

@@ -1,8 +1,13 @@
 """Autotune configurations for the FLuRKA Triton kernels: small lists, pruned by shape.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) every list is one small config: the interpreter is
-slow and autotuning there would only multiply the run time. BLOCK_D (the padded head dim)
-is not tuned: it is the next power of two of dh, set by the launcher.
+slow and autotuning there would only multiply the run time. BLOCK_K (the head-dim chunk) of
+the row, state and causal kernels is set by the launcher (``triton_launch.block_k``: dh's next
+power of two up to 128, one chunk; 64 above, or FLURKA_TRITON_BLOCK_K), not tuned here: it
+decides between the one-chunk and the chunked code path. ``flurka_dx_kernel`` (wide head dims
+only) tunes its BLOCK_K, a grid tile there. Configs with BLOCK_DV > 128 serve dv > 128 only
+(pruned below that): they cover dv = 325 in one or few blocks, so phi(x) is computed once
+or twice per row block instead of once per 64/128 value columns.
 """
 from __future__ import annotations
 
@@ -32,18 +37,18 @@ def _cfg(r: int, f: int, v: int, warps: int, stages: int) -> triton.Config:
 _INTERP = [_cfg(32, 32, 32, 1, 1)]
 
 
-def _smem_bytes(c: triton.Config, block_d: int, rows: int) -> int:
-    """Rough shared-memory need of a config: pipelined (rows + features) x BLOCK_D operand
+def _smem_bytes(c: triton.Config, block_k: int, rows: int) -> int:
+    """Rough shared-memory need of a config: pipelined (rows + features) x BLOCK_K operand
     tiles in 16-bit, plus the features x BLOCK_DV state tile in fp32."""
     f, v = c.kwargs["BLOCK_F"], c.kwargs["BLOCK_DV"]
-    return max(1, c.num_stages) * ((rows + f) * block_d * 2 + f * v * 4)
+    return max(1, c.num_stages) * ((rows + f) * block_k * 2 + f * v * 4)
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop configs whose blocks are much wider than the problem (dv, m) or whose tiles would
-    not fit in shared memory next to a wide padded head dim (dh = 325 pads to 512)."""
+    not fit in shared memory next to the head-dim chunk BLOCK_K (<= 128)."""
     dv, m = named_args["dv"], named_args["m"]
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    block_k = kwargs.get("BLOCK_K", named_args.get("BLOCK_K", 64))
     chunk = kwargs.get("CHUNK", named_args.get("CHUNK", 64))
     dvp = max(16, triton.next_power_of_2(dv))
     mp = max(16, triton.next_power_of_2(m))
@@ -51,15 +56,13 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     for c in configs:
         rows = c.kwargs.get("BLOCK_R", 2 * chunk)  # the causal kernel holds q and k tiles
         if (c.kwargs["BLOCK_DV"] <= dvp and c.kwargs["BLOCK_F"] <= mp
-                and _smem_bytes(c, block_d, rows) <= 160 * 1024):
+                and _smem_bytes(c, block_k, rows) <= 160 * 1024):
             kept.append(c)
-    small = {  # same keys, small blocks, no pipelining: fits whatever the head dim
-        k: (16 if k == "BLOCK_DV" and dvp <= 16 else 32) for k in configs[0].kwargs}
-    if kept and block_d < 256:
+    if kept:
         return kept
-    # Wide head dims: keep the small config as a safe candidate next to the kept ones (the
-    # autotuner skips a config that runs out of shared memory; a lone config is not tried).
-    return kept + [triton.Config(small, num_warps=4, num_stages=1)]
+    small = {  # same keys, small blocks, no pipelining: fits whatever the sizes
+        k: (16 if k == "BLOCK_DV" and dvp <= 16 else 32) for k in configs[0].kwargs}
+    return [triton.Config(small, num_warps=4, num_stages=1)]
 
 
 def state_configs() -> list[triton.Config]:
@@ -68,8 +71,9 @@ def state_configs() -> list[triton.Config]:
         return _INTERP
     return _select([_cfg(64, 64, 64, 4, 3), _cfg(64, 64, 128, 8, 3), _cfg(32, 128, 64, 4, 3),
                     _cfg(64, 128, 128, 8, 2), _cfg(32, 64, 64, 4, 2),
-                    # wide head dims (dh = 325 -> BLOCK_D = 512): no pipelining, wide dv
-                    _cfg(32, 64, 128, 8, 1), _cfg(64, 32, 128, 8, 1)])
+                    # wide dv (dv = 325): phi(x) once per 1-3 dv blocks, no pipelining
+                    _cfg(32, 64, 128, 8, 1), _cfg(64, 32, 128, 8, 1), _cfg(32, 32, 256, 8, 1),
+                    _cfg(32, 32, 512, 8, 1)])
 
 
 def rows_fwd_configs() -> list[triton.Config]:
@@ -78,9 +82,10 @@ def rows_fwd_configs() -> list[triton.Config]:
         return _INTERP
     return _select([_cfg(64, 64, 64, 4, 3), _cfg(128, 64, 64, 8, 3), _cfg(64, 64, 128, 8, 3),
                     _cfg(128, 32, 128, 8, 2), _cfg(128, 64, 128, 8, 2), _cfg(64, 32, 64, 4, 2),
-                    # wide head dims (dh = 325 -> BLOCK_D = 512): fewer dv blocks, each of
-                    # which recomputes phi(q); no pipelining to fit the 512-wide tiles
-                    _cfg(64, 32, 128, 8, 1), _cfg(32, 32, 128, 4, 1), _cfg(64, 32, 256, 8, 1)])
+                    # wide dv (dv = 325): fewer dv blocks, each of which recomputes phi(q);
+                    # BLOCK_DV = 512: phi(q) once per row block (a 32 x 512 fp32 accumulator)
+                    _cfg(64, 32, 128, 8, 1), _cfg(32, 32, 128, 4, 1), _cfg(64, 32, 256, 8, 1),
+                    _cfg(32, 32, 512, 8, 1), _cfg(32, 64, 512, 8, 2)])
 
 
 def rows_bwd_configs() -> list[triton.Config]:
@@ -99,7 +104,7 @@ def causal_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_F": 32, "BLOCK_DV": 32}, num_warps=1, num_stages=1)]
     return _select([triton.Config({"BLOCK_F": f, "BLOCK_DV": v}, num_warps=w, num_stages=s)
                     for f, v, w, s in [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2),
-                                       (32, 128, 8, 2)]])
+                                       (32, 128, 8, 2), (32, 256, 8, 1)]])
 
 
 def causal_bwd_configs() -> list[triton.Config]:
@@ -111,7 +116,35 @@ def causal_bwd_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_F": 32, "BLOCK_DV": 32}, num_warps=1, num_stages=1)]
     return _select([triton.Config({"BLOCK_F": f, "BLOCK_DV": v}, num_warps=w, num_stages=s)
                     for f, v, w, s in [(32, 64, 4, 2), (64, 64, 4, 1), (32, 64, 8, 2),
-                                       (64, 128, 8, 1), (32, 32, 4, 1)]])
+                                       (64, 128, 8, 1), (32, 32, 4, 1), (32, 256, 8, 1)]])
+
+
+def dx_configs() -> list[triton.Config]:
+    """flurka_dx_kernel (wide head dims): (rows, features per step, head-dim chunk BLOCK_K);
+    untuned (no GPU measurement yet)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_R": 32, "BLOCK_F": 32, "BLOCK_K": 64}, num_warps=1,
+                              num_stages=1)]
+    return _select([triton.Config({"BLOCK_R": r, "BLOCK_F": f, "BLOCK_K": k}, num_warps=w,
+                                  num_stages=s)
+                    for r, f, k, w, s in [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3),
+                                          (64, 32, 128, 4, 3), (128, 32, 128, 8, 2),
+                                          (64, 64, 128, 8, 2)]])
+
+
+def lowrank_configs() -> list[triton.Config]:
+    """flurka_lowrank_state_kernel (``triton_lowrank``): key columns per step (BLOCK_M),
+    down-sampled rows per step (BLOCK_DK), features, value columns. Wide feature and value
+    blocks first: every program recomputes its rows of K~ (and V~), so fewer programs per
+    (batch, head) mean less recomputation (untuned: no GPU measurement yet)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_DK": 16, "BLOCK_F": 32, "BLOCK_DV": 32},
+                              num_warps=1, num_stages=1)]
+    return _select([triton.Config({"BLOCK_M": bm, "BLOCK_DK": bd, "BLOCK_F": f, "BLOCK_DV": v},
+                                  num_warps=w, num_stages=s)
+                    for bm, bd, f, v, w, s in [(64, 32, 128, 64, 8, 2), (64, 32, 64, 64, 4, 2),
+                                               (32, 32, 128, 128, 8, 1), (64, 64, 64, 64, 8, 2),
+                                               (32, 16, 256, 64, 8, 1)]])
 
 
 PRUNE = {"early_config_prune": _prune}

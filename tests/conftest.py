@@ -22,7 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # fast lane: that leaves ~45 s of the ~365 s.
 SLOW_FILES = (
     "test_hf_zoo.py", "test_hf_zoo_more.py", "test_match_realworld.py", "test_onnx.py",
-    "test_example_*.py", "test_triton.py", "test_cli.py", "test_cli_guide.py",
+    "test_example_*.py", "test_triton.py", "test_triton_fused.py", "test_cli.py",
+    "test_cli_guide.py",
     "test_benchmarks.py",
 )
 

@@ -276,3 +276,26 @@ def test_torch_export_with_dynamic_length():
     for n in (77, 9):
         x = torch.randn(1, n, 32)
         assert rel_err(ep.module()(x), layer(x)) < 1e-5, f"N={n}"
+
+
+@pytest.mark.parametrize("dk", [None, 4])
+def test_performer_padded_keys_give_finite_zero_gradients(dk) -> None:
+    """A batch row with every key padded, and padded keys holding huge values: the loss on
+    the real row has finite gradients, zero at the padded keys (before the fix the key
+    stabiliser overflowed exp() there and backward gave 0 * inf = NaN, reaching E and k)."""
+    torch.manual_seed(0)
+    fa = FlurkaAttention(kernel="performer", heads=2, head_dim=8, dk=dk, max_seq_len=16,
+                         backend="torch")
+    q, k, v = (torch.randn(2, 2, 16, 8) for _ in range(3))
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1] = False  # all padded
+    mask[0, 12:] = False
+    with torch.no_grad():
+        k[0, :, 12:] *= 1e3  # garbage at the padded keys of row 0
+    k.requires_grad_(True)
+    out = fa(q, k, v, key_padding_mask=mask)
+    out[0].sum().backward()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(k.grad).all()
+    assert k.grad[:, :, 12:].abs().max() == 0 and k.grad[1].abs().max() == 0
+    if dk is not None:
+        assert torch.isfinite(fa.E.grad).all()
