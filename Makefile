@@ -60,7 +60,7 @@ test-gpu: $(STAMP)
 # first use; delete it (or `make clean`) to pick up a newer Triton. Not in CI (time budget).
 TRITON_VENV := build/venv-triton-newest
 TRITON_STAMP := $(TRITON_VENV)/.flurka-installed
-TRITON_TESTS := test_triton.py test_triton_compile.py
+TRITON_TESTS := test_triton.py test_triton_compile.py test_triton_wide.py test_triton_fused.py test_triton_window.py
 
 $(TRITON_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(TRITON_VENV)

@@ -11,11 +11,18 @@ are not timed for any method). FLOPs come from ``flurka_rewrite.passes.cost_mode
 compulsory traffic (q, k, v read once, o written once, bf16) over the time.
 
     python benchmarks/kernels_gpu.py [--quick] [--json out.json]
+    python benchmarks/kernels_gpu.py --settings paper --json paper.json   # the paper's grid
+    python benchmarks/kernels_gpu.py --settings paper --block-k 32,64,128  # dh-chunk sweep
+``--block-k`` sets FLURKA_TRITON_BLOCK_K (the kernels' head-dim chunk, default 64 above
+dh = 128) for each value in turn; the Triton methods are timed once per value (labelled
+``paper@bk64`` etc.), the others once. ``--methods`` picks a subset of METHODS
+(``--methods window_triton,window_torch``: the sliding-window hybrid, Triton band vs reference).
 Without CUDA it says so and exits 0.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +41,10 @@ QUICK_NS = {"paper": [7000, 28000, 55000], "bert": [1024, 8192, 32768, 65536]}
 # Dense bf16 tensor-core peak (TFLOP/s) and HBM bandwidth (GB/s) by device name.
 PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.0)}
 METHODS = ["flurka_triton", "flurka_torch", "sdpa", "linformer", "performer_torch",
-           "performer_triton"]
+           "performer_triton", "window_triton", "window_torch"]
+# window_*: the sliding-window hybrid (kernels/window.py), performer kernel part, non-causal,
+# w = WINDOW; _triton runs the exact band in Triton (triton_window_ops), _torch the reference.
+WINDOW = 256
 
 
 def device_peaks(name: str) -> tuple[float | None, float | None]:
@@ -49,11 +59,12 @@ def flops(method: str, *, N: int, H: int, dh: int, dk: int, m: int) -> int:
     """Forward FLOPs of one method, from the cost model when it is there."""
     kernel = "softmax" if method in ("sdpa", "linformer") else "performer"
     rank = dk if method in ("flurka_triton", "flurka_torch", "linformer") else None
+    window = WINDOW if method.startswith("window") else None
     try:
         from flurka_rewrite.passes.cost_model import site_flops
         return int(site_flops(kernel=kernel, dk=rank, B=1, N=N, M=N, H=H, Hkv=H, dh=dh,
                               num_features=None if kernel == "softmax" else m,
-                              projections=False))
+                              projections=False, window=window))
     except ImportError:  # explicit formula: down-sampling, then attention over `keys`
         keys = rank or N
         f = 2 * 2 * H * rank * N * dh if rank else 0
@@ -78,6 +89,13 @@ def build(method: str, *, N: int, H: int, dh: int, dk: int, fm, E, Fm):
         return lambda q, k, v: attention_core(q, k, v, feature_map=fm)
     if method == "performer_triton":
         return lambda q, k, v: triton_attention_core(q, k, v, feature_map=fm)
+    if method in ("window_triton", "window_torch"):
+        from flurka_rewrite.kernels.dispatch import window_attention_dispatch
+
+        theta, backend = q_heads_zeros(fm, H), method.split("_")[1]
+        return lambda q, k, v: window_attention_dispatch(
+            q, k, v, backend=backend, window=WINDOW, feature_map=fm, log_weight=theta,
+            scale=dh**-0.5)
     pad = (-dh) % 8  # SDPA's fused kernels want dh % 8 == 0: zero-pad (exact)
 
     def sdpa(q, k, v):
@@ -91,6 +109,11 @@ def build(method: str, *, N: int, H: int, dh: int, dk: int, fm, E, Fm):
     if method == "linformer":
         return lambda q, k, v: sdpa(q, *project(k, v))
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+def q_heads_zeros(fm, H: int) -> torch.Tensor:
+    """theta = 0 per query head (alpha = 1, the performer's initial weight) on fm's device."""
+    return torch.zeros(H, device=fm.W.device)
 
 
 def measure(fn, q, k, v, bwd: bool) -> float:
@@ -174,7 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write all measurements here")
     ap.add_argument("--settings", default="bert,paper", help="comma list of: paper, bert")
     ap.add_argument("--modes", default="fwd,fwd+bwd", help="comma list of: fwd, fwd+bwd")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of METHODS")
+    ap.add_argument("--block-k", default="",
+                    help="comma list of head-dim chunks (FLURKA_TRITON_BLOCK_K) to sweep")
     args = ap.parse_args(argv)
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        ap.error(f"unknown methods {unknown}; expected some of {', '.join(METHODS)}")
     if not torch.cuda.is_available():
         print("no CUDA GPU is present: nothing to benchmark (run this on a GPU machine)")
         return 0
@@ -182,11 +212,25 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.cuda.get_device_name()
     for name in args.settings.split(","):
         Ns = QUICK_NS[name] if args.quick else SETTINGS[name]["Ns"]
-        rows += run_setting(name, Ns, METHODS, args.modes.split(","))
-        if args.json:  # after each setting, so a cut-off run keeps what it measured
-            write_json(args.json, dict(device=dev, date=datetime.now(timezone.utc).isoformat(),
-                                       torch=torch.__version__, settings=SETTINGS, rows=rows))
-        print(table([r for r in rows if r["setting"] == name]), flush=True)
+        base = None
+        for bk in args.block_k.split(",") if args.block_k else [""]:
+            label = f"{name}@bk{bk}" if bk else name
+            os.environ["FLURKA_TRITON_BLOCK_K"] = bk  # "" = the launcher's default
+            todo = methods if base is None else [m for m in methods if "triton" in m]
+            got = run_setting(name, Ns, todo, args.modes.split(","))
+            if base is None:  # the other methods do not depend on BLOCK_K: timed once
+                base = [r for r in got if "triton" not in r["method"]]
+            else:
+                got += [dict(r) for r in base]
+            for r in got:
+                r.update(setting=label, block_k=bk or "default")
+            rows += got
+            if args.json:  # after each setting, so a cut-off run keeps what it measured
+                write_json(args.json, dict(device=dev,
+                                           date=datetime.now(timezone.utc).isoformat(),
+                                           torch=torch.__version__, settings=SETTINGS,
+                                           rows=rows))
+            print(table([r for r in rows if r["setting"] == label]), flush=True)
     print(f"\ndevice: {dev}; date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
           f"torch {torch.__version__}\n")
     print(table(rows))

@@ -13,7 +13,8 @@ runs the K/V projections on dk rows, and calls ``forward(..., source_len=M)``.
 
 ``window=w`` (any mode but exact): the sliding-window hybrid of ``kernels/window.py``, exact
 softmax over the w nearest keys, the mode's kernel (or the dk down-sampled keys) for the rest,
-one normaliser, a learnable per-head weight ``kernel_log_weight`` (theta, alpha = exp(theta)).
+one normaliser, a learnable per-head weight ``kernel_log_weight`` (theta, alpha = exp(theta));
+``backend="triton"`` runs its exact band in Triton (``triton_window_ops``), "auto" the reference.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from torch import Tensor
 from flurka_rewrite.kernels.dispatch import (
     BACKENDS,
     attention_core_dispatch,
+    window_attention_dispatch,
     fused_lowrank_dispatch,
 )
 from flurka_rewrite.kernels.feature_maps import build_feature_map
@@ -43,7 +45,7 @@ from flurka_rewrite.kernels.reference import (
     lowrank_project,
     softmax_attention,
 )
-from flurka_rewrite.kernels.window import initial_log_weight, window_attention
+from flurka_rewrite.kernels.window import initial_log_weight
 
 # The registered feature maps, then "softmax"; recomputed on use (kernels/registry.py).
 KERNELS = NameView(kernel_names)
@@ -70,7 +72,8 @@ def init_lowrank(dk: int, max_len: int, kind: str, generator: torch.Generator) -
 
 def check_window(window: int | None, kernel: str, dk: int | None, backend: str) -> None:
     """Refuse a window that cannot be built: not a positive int, on exact attention (no
-    kernel part), or with backend="triton" (no Triton kernel for it yet)."""
+    kernel part), or with a kernel that has its own window (EVA). Any backend: "triton"
+    runs the exact band in Triton (kernels/triton_window_ops.py), "auto" the reference."""
     if window is None:
         return
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -83,10 +86,6 @@ def check_window(window: int | None, kernel: str, dk: int | None, backend: str) 
     if cls is not None and getattr(cls, "custom_attention", False):
         raise ValueError(f"window= does not combine with kernel {kernel!r}: it has its own "
                          "exact local window (eva_chunk); use window=None")
-    if backend == "triton":
-        raise ValueError("window runs on the PyTorch reference only (kernels/window.py), "
-                         "there is no Triton kernel for it yet: use backend='torch' (or "
-                         "'auto', which runs windowed layers on the reference)")
 
 
 class FlurkaAttention(nn.Module):
@@ -344,9 +343,10 @@ class FlurkaAttention(nn.Module):
                 raise ValueError("a windowed layer called with source_len (hoisted K/V) needs "
                                  "window_kv=(k, v), the keys at full length")
             low = self.dk is not None
-            return window_attention(
-                q, full[0], full[1], window=self.window, feature_map=self.feature_map,
-                log_weight=self.kernel_log_weight, scale=self.scale, causal=self.causal,
+            return window_attention_dispatch(
+                q, full[0], full[1], backend=self.backend, window=self.window,
+                feature_map=self.feature_map, log_weight=self.kernel_log_weight,
+                scale=self.scale, causal=self.causal,
                 key_padding_mask=full_keep, kernel_k=k if low else None,
                 kernel_v=v if low else None, kernel_keep=keep if low else None)
         return attention_core_dispatch(

@@ -163,3 +163,35 @@ def fused_lowrank_dispatch(layer, q: Tensor, k: Tensor, v: Tensor,
         q, k, v, layer._proj("k"), layer._proj("v"), cols=support_cols(layer),
         feature_map=layer.feature_map, key_padding_mask=key_padding_mask, row_mask=rows,
         eps=layer.eps)
+
+
+def window_backend(backend: str, device_type: str) -> str:
+    """"torch" or "triton" for a windowed layer (``window=w``). "auto" stays on the PyTorch
+    reference (``window.window_attention``) on every device until the Triton band kernel
+    (``triton_window_ops``) is measured on a GPU (docs/benchmarks.md); "triton" forces it, with
+    the checks of ``resolve_backend`` (triton installed; CUDA, or CPU under the interpreter)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend != "triton":
+        return "torch"
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+    if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"backend='triton' got {device_type} tensors; Triton runs on CUDA GPUs, or on the CPU "
+            "only under TRITON_INTERPRET=1 (slow, for tests). Use backend='torch' or 'auto' on CPU."
+        )
+    return "triton"
+
+
+def window_attention_dispatch(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto",
+                              **kwargs) -> Tensor:
+    """``window.window_attention`` (same keyword arguments, same result) on the backend
+    ``window_backend`` chooses: the reference, or ``triton_window_ops``'s band kernel."""
+    if window_backend(backend, q.device.type) == "triton":
+        from .triton_window_ops import triton_window_attention
+
+        return triton_window_attention(q, k, v, **kwargs)
+    from .window import window_attention
+
+    return window_attention(q, k, v, **kwargs)

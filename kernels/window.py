@@ -123,6 +123,20 @@ def _group(x: Tensor, B: int, hkv: int, G: int, nc: int, C: int, pad: int) -> Te
     return x.reshape(B, hkv, G, nc, C, x.shape[-1])
 
 
+def check_window_args(N: int, M: int, window: int, feature_map: FeatureMap | None,
+                      kernel_k: Tensor | None) -> None:
+    """The ValueErrors of ``window_attention`` (shared with the Triton entry point): N != M
+    (a window needs self-attention), window < 1, or no kernel part (exact softmax)."""
+    if M != N:
+        raise ValueError(f"a sliding window needs self-attention (as many keys as queries); "
+                         f"got N={N} queries, M={M} keys. Convert without window=")
+    if window < 1:
+        raise ValueError(f"window must be a positive int; got {window}")
+    if feature_map is None and kernel_k is None:
+        raise ValueError("window with exact softmax has no kernel part: exact attention "
+                         "already attends to every key; use window=None")
+
+
 def window_attention(
     q: Tensor,
     k: Tensor,
@@ -141,7 +155,7 @@ def window_attention(
     """The sliding-window hybrid of the module docstring.
 
     q (B, H, N, dh); k (B, Hkv, N, dh), v (B, Hkv, N, dv): the original keys (the window's);
-    log_weight (H,): theta, alpha_h = exp(theta_h); key_padding_mask (B, N) bool, True = real.
+    log_weight (H,): theta, alpha_h = exp(theta_h); key_padding_mask (B or 1, N) bool, True = real.
     kernel_k (B, Hkv, dk, dh), kernel_v (B, Hkv, dk, dv), kernel_keep (B, dk) or None: the
     down-sampled keys of a low-rank site (then the kernel part runs over all of them);
     None: the kernel part runs over the original keys outside the window. feature_map None:
@@ -150,14 +164,7 @@ def window_attention(
     self-attention) or when there is no kernel part (exact softmax)."""
     B, H, N, dh = q.shape
     hkv, M, dv = k.shape[1], k.shape[2], v.shape[-1]
-    if M != N:
-        raise ValueError(f"a sliding window needs self-attention (as many keys as queries); "
-                         f"got N={N} queries, M={M} keys. Convert without window=")
-    if window < 1:
-        raise ValueError(f"window must be a positive int; got {window}")
-    if feature_map is None and kernel_k is None:
-        raise ValueError("window with exact softmax has no kernel part: exact attention "
-                         "already attends to every key; use window=None")
+    check_window_args(N, M, window, feature_map, kernel_k)
     G, reach = H // hkv, window_reach(window, causal)
     C = window_chunk(window, causal, None if is_exporting() else N)
     P = 1 if causal else 2  # key chunks after t - 1 in a query chunk's neighbourhood
@@ -165,7 +172,7 @@ def window_attention(
     pad = nc * C - N  # queries and keys padded to nc chunks of C
     front, back = C, pad + (0 if causal else C)  # one chunk before (and after) the keys
     real = (torch.ones(B, N, dtype=torch.bool, device=q.device) if key_padding_mask is None
-            else key_padding_mask.bool())
+            else key_padding_mask.bool().expand(B, N))  # (1, N): shared by the batch
     qf, kf, vf = q.float(), k.float(), v.float()
 
     # -- the window: exact softmax scores of each query chunk against its key bands ----------
@@ -203,6 +210,44 @@ def window_attention(
     den = p.sum(-1) + f * den_k  # (B, Hkv, G, nc, C)
     out = num / den.clamp_min(_TINY)[..., None]
     return out.reshape(B, H, nc * C, dv)[:, :, :N].to(q.dtype)
+
+
+def window_kernel_part(
+    q: Tensor, k: Tensor, v: Tensor, *, window: int, feature_map: FeatureMap | None,
+    log_weight: Tensor, scale: float, causal: bool = False,
+    key_padding_mask: Tensor | None = None, kernel_k: Tensor | None = None,
+    kernel_v: Tensor | None = None, kernel_keep: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel part of ``window_attention`` per query, as that function computes it
+    (same chunks, same states, same shift b): (num (B, H, N, dv), den (B, H, N),
+    lam (B, H, N)), fp32, with the part's terms alpha_h kappa_ij = exp(lam_i) (num_i, den_i)
+    (lam = theta_h + the map's log scale). The Triton window kernel
+    (``triton_window_ops``) adds the exact band to it under the one normaliser. Arguments as
+    ``window_attention``'s."""
+    B, H, N, dh = q.shape
+    hkv, dv = k.shape[1], v.shape[-1]
+    check_window_args(N, k.shape[2], window, feature_map, kernel_k)
+    G, reach = H // hkv, window_reach(window, causal)
+    C = window_chunk(window, causal, None if is_exporting() else N)
+    P = 1 if causal else 2
+    nc = (N + C - 1) // C
+    pad = nc * C - N
+    front, back = C, pad + (0 if causal else C)
+    real = (torch.ones(B, N, dtype=torch.bool, device=q.device) if key_padding_mask is None
+            else key_padding_mask.bool().expand(B, N))  # (1, N): shared by the batch
+    qf = q.float()
+    if kernel_k is not None:
+        o, lam = _lowrank_part(qf, kernel_k, kernel_v, kernel_keep, feature_map, scale,
+                               B, hkv, G, nc, C, pad)
+    else:
+        a = torch.arange(C, device=q.device)
+        d = torch.arange((P + 1) * C, device=q.device)[None, :] - C - a[:, None]
+        out_win = d <= -window if causal else d.abs() > reach
+        o, lam = _far_part(qf, k.float(), v.float(), real, feature_map, causal, out_win, B,
+                           hkv, G, nc, C, P, pad, front, back)
+    lam = lam + log_weight.float().reshape(1, hkv, G, 1, 1)
+    o = o.reshape(B, H, nc * C, dv + 1)[:, :, :N]
+    return o[..., :-1], o[..., -1], lam.reshape(B, H, nc * C)[:, :, :N]
 
 
 def _lowrank_part(qf: Tensor, kk: Tensor, vk: Tensor, keep: Tensor | None,
