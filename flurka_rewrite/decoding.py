@@ -11,7 +11,9 @@ S (m x dv) and z (m), so a token costs the same at any position and the state do
 an exact softmax site (``kernel="softmax"``) keeps its keys and values. Everything else in the
 model runs as written, so the model must place the new tokens itself: it has to accept where
 they start (``start=state.tokens`` above, for learned or rotary positions). Hugging Face
-models generate through their own cache instead.
+models generate through their own cache instead: ``bind_kv_cache`` (registered with
+passes/install.py on import) hands a rewritten module given a KV cache to
+flurka_rewrite/hf_generate.py, which keeps the same states in the cache.
 
 Every attention site must be rewritten: a site that was skipped still runs its original code,
 which would see only the new tokens, so ``init_state`` refuses such a model.
@@ -26,6 +28,7 @@ import torch.nn as nn
 
 from flurka_rewrite.kernels.attention import FlurkaAttention
 from flurka_rewrite.kernels.recurrent import KernelState, KVCache
+from flurka_rewrite.passes.install import set_cache_binder
 
 
 @dataclass
@@ -61,12 +64,10 @@ def init_state(model: nn.Module) -> DecodeState:
                          "new tokens. Decode by running the whole sequence, or convert so that "
                          "every site is rewritten")
     for path, m in sites.items():
-        if not m.causal or m.dk is not None or getattr(m, "window", None) is not None \
-                or (m.feature_map is not None and m.feature_map.custom_attention):
-            raise ValueError(f"init_state: {path} cannot decode with a state (causal "
-                             f"{m.causal}, dk {m.dk}, window {getattr(m, 'window', None)}, "
-                             f"kernel {m.kernel!r}); only causal kernel or exact softmax "
-                             "sites without a window can")
+        why = m.decode_refusal()
+        if why is not None:
+            raise ValueError(f"init_state: {path} cannot decode with a state ({why}); only "
+                             "causal kernel or exact softmax sites without a window can")
     return DecodeState(sites={p: None for p in sites})
 
 
@@ -118,3 +119,20 @@ def step(model: nn.Module, state: DecodeState, *args: Any, **kwargs: Any
                          f"{sorted(set(seen))}")
     state.tokens += seen[0]
     return out, state
+
+
+def bind_kv_cache(module: nn.Module, cache: Any, args: tuple, kwargs: dict
+                  ) -> contextlib.AbstractContextManager[None]:
+    """The cache binder of passes/install.py: a rewritten module called with a KV cache
+    (Hugging Face ``generate``) continues its sites from states kept in that cache
+    (flurka_rewrite/hf_generate.py, imported here so that transformers stays optional)."""
+    try:
+        from flurka_rewrite.hf_generate import bind
+    except ImportError as e:  # a cache-like object without transformers
+        raise RuntimeError(f"{type(module).__name__} was given a KV cache "
+                           f"({type(cache).__name__}) but transformers cannot be imported "
+                           f"({e}); call it without a cache") from e
+    return bind(module, cache, args, kwargs)
+
+
+set_cache_binder(bind_kv_cache)

@@ -260,35 +260,41 @@ class FlurkaAttention(nn.Module):
         return None if rows is None else rows.expand(batch, -1)
 
     # -- decoding with a recurrent state (kernels/recurrent.py) --------------------------
+    def decode_refusal(self) -> str | None:
+        """Why this site cannot continue from a recurrent state (None when it can)."""
+        return ("it is not causal" if not self.causal else
+                "it has a low-rank projection" if self.dk is not None else
+                "it has a sliding window (not supported in decoding yet)"
+                if getattr(self, "window", None) is not None else
+                f"kernel {self.kernel!r} has no recurrent form"
+                if self.feature_map is not None and self.feature_map.custom_attention else None)
+
     def decode(self, q: Tensor, k: Tensor, v: Tensor, state: KernelState | KVCache | None,
-               attn_mask: Tensor | None = None, key_padding_mask: Tensor | None = None
-               ) -> tuple[Tensor, KernelState | KVCache]:
+               attn_mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
+               *, keep: Tensor | None = None) -> tuple[Tensor, KernelState | KVCache]:
         """Causal attention of n new tokens continuing from ``state`` (None before the first
         token): (out (B, H, n, dv), the new state: a fixed-size ``KernelState`` for a kernel
-        site, a ``KVCache`` for an exact softmax one). Masks may only be causal."""
-        why = ("it is not causal" if not self.causal else
-               "it has a low-rank projection" if self.dk is not None else
-               "it has a sliding window (not supported in decoding yet)"
-               if getattr(self, "window", None) is not None else
-               f"kernel {self.kernel!r} has no recurrent form"
-               if self.feature_map is not None and self.feature_map.custom_attention else None)
+        site, a ``KVCache`` for an exact softmax one). ``attn_mask`` (over the n new keys
+        only) and ``key_padding_mask`` / ``keep`` ((B, n) bool, True = real key) may only
+        mark padded keys, which are left out of the state as the whole-sequence forward
+        leaves them out."""
+        why = self.decode_refusal()
         if why is not None:
             raise ValueError(f"decode: this FlurkaAttention cannot continue from a state: {why}")
-        keep = self.key_keep(attn_mask, k.shape[-2]) if attn_mask is not None else None
-        if key_padding_mask is not None:
-            keep = key_padding_mask.bool() if keep is None else keep & key_padding_mask.bool()
-        if keep is not None and not bool(keep.all()):
-            raise ValueError("decode: padded keys are not supported when decoding with a "
-                             "state; decode each sequence without padding")
+        for extra in (self.key_keep(attn_mask, k.shape[-2]) if attn_mask is not None else None,
+                      key_padding_mask):
+            if extra is not None:
+                keep = extra.bool() if keep is None else keep & extra.bool()
         if self.feature_map is None:
-            return softmax_continue(q, k, v, state, scale=self.scale)
+            return softmax_continue(q, k, v, state, scale=self.scale, key_keep=keep)
         fm = self.feature_map
-        phi_k, log_scale = fm.causal_key_features(k, None)
+        kmask = None if keep is None else keep[:, None, :, None]
+        phi_k, log_scale = fm.causal_key_features(k, kmask)
         phi_q = fm(q, is_query=True)
         if state is None:
             state = empty_state(k.shape[0], k.shape[1], phi_k.shape[-1], v.shape[-1], q.device)
         out, state = causal_continue(phi_q, phi_k, v, state, key_log_scale=log_scale,
-                                     eps=self.eps, chunk_size=self.chunk_size)
+                                     key_keep=keep, eps=self.eps, chunk_size=self.chunk_size)
         return out.to(q.dtype), state
 
     # -- forward -------------------------------------------------------------------------

@@ -15,12 +15,18 @@ phi(k_j) exp(l_j)) keep the state at the scale exp(c) of the running maximum c =
 as ``reference._causal_stabilized`` does: every rescaling factor is exp(smaller - larger) <= 1.
 Maps without one run the same code with l = 0.
 
-``KVCache`` is the state of an exact softmax causal site: the keys and values so far.
+Padded keys (``key_keep`` False, e.g. the left padding of a batch of prompts) are left out
+of the state exactly as the whole-sequence forward leaves them out: zero features and values,
+and a log scale of -1e30, so that they never raise the running maximum.
+
+``KVCache`` is the state of an exact softmax causal site: the keys and values so far (and,
+once a padded key was seen, which keys are real).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,20 +49,32 @@ class KernelState:
         """The tensors the state holds (its memory does not grow with ``tokens``)."""
         return [self.S, self.z, self.c]
 
+    def map(self, fn: Callable[[Tensor], Tensor]) -> KernelState:
+        """The state with ``fn`` applied to each tensor (reordering the batch for beam
+        search, moving it to another device)."""
+        return KernelState(S=fn(self.S), z=fn(self.z), c=fn(self.c), tokens=self.tokens)
+
 
 @dataclass
 class KVCache:
-    """State of an exact softmax causal site: k (B, Hkv, T, dh), v (B, Hkv, T, dv)."""
+    """State of an exact softmax causal site: k (B, Hkv, T, dh), v (B, Hkv, T, dv) and keep
+    (B, T) bool, True = a real key (None while every key so far was real)."""
 
     k: Tensor
     v: Tensor
+    keep: Tensor | None = None
 
     @property
     def tokens(self) -> int:
         return self.k.shape[-2]
 
     def tensors(self) -> list[Tensor]:
-        return [self.k, self.v]
+        return [self.k, self.v] + ([] if self.keep is None else [self.keep])
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> KVCache:
+        """The cache with ``fn`` applied to each tensor (see ``KernelState.map``)."""
+        return KVCache(k=fn(self.k), v=fn(self.v), keep=None if self.keep is None
+                       else fn(self.keep))
 
 
 def empty_state(B: int, hkv: int, m: int, dv: int, device: torch.device) -> KernelState:
@@ -73,19 +91,27 @@ def causal_continue(
     state: KernelState,
     *,
     key_log_scale: Tensor | None = None,
+    key_keep: Tensor | None = None,
     eps: float = 1e-6,
     chunk_size: int = 64,
 ) -> tuple[Tensor, KernelState]:
     """Causal kernel attention of n new tokens continuing from ``state``.
 
     phi_q (B, H, n, m), phi_k (B, Hkv, n, m), v (B, Hkv, n, dv), key_log_scale (B, Hkv, n) or
-    None -> (out (B, H, n, dv) fp32, the state after the n tokens)."""
+    None, key_keep (B, n) bool or None (False: a padded key, left out as the whole-sequence
+    forward leaves it out) -> (out (B, H, n, dv) fp32, the state after the n tokens)."""
     B, H, n, m = phi_q.shape
     hkv, dv = phi_k.shape[1], v.shape[-1]
     G, C = H // hkv, chunk_size
     q, k, vv = phi_q.float(), phi_k.float(), v.float()
     ls = torch.zeros(B, hkv, n, device=q.device) if key_log_scale is None \
         else key_log_scale.float()
+    if key_keep is not None:  # as reference.causal_kernel_attention does for a whole sequence
+        keep = key_keep[:, None, :].bool()  # (B, 1, n)
+        k = torch.where(keep[..., None], k, 0.0)
+        vv = torch.where(keep[..., None], vv, 0.0)
+        if key_log_scale is not None:
+            ls = torch.where(keep, ls, -1e30)
     S = state.S[:, :, None]  # (B, Hkv, 1, m, dv)
     z = state.z[:, :, None, :, None]  # (B, Hkv, 1, m, 1)
     c_prev = state.c[..., None]  # (B, Hkv, 1)
@@ -117,17 +143,48 @@ def causal_continue(
     return torch.cat(outs, 2), new
 
 
+def causal_state(phi_k: Tensor, v: Tensor, *, key_log_scale: Tensor | None = None,
+                 key_keep: Tensor | None = None) -> KernelState:
+    """The state after n tokens, without the outputs: what ``causal_continue`` from an empty
+    state ends with (same sums, another order), for a prefill whose outputs the
+    whole-sequence forward computed. phi_k (B, Hkv, n, m), v (B, Hkv, n, dv),
+    key_log_scale (B, Hkv, n) or None, key_keep (B, n) bool or None."""
+    k, vv = phi_k.float(), v.float()
+    ls = torch.zeros(k.shape[:-1], device=k.device) if key_log_scale is None \
+        else key_log_scale.float()
+    if key_keep is not None:
+        keep = key_keep[:, None, :].bool()
+        k = torch.where(keep[..., None], k, 0.0)
+        vv = torch.where(keep[..., None], vv, 0.0)
+        if key_log_scale is not None:
+            ls = torch.where(keep, ls, -1e30)
+    c = ls.amax(-1)  # (B, Hkv): the running maximum after the last token
+    kw = k * torch.exp(ls - c[..., None])[..., None]  # (B, Hkv, n, m), factors <= 1
+    return KernelState(S=kw.transpose(-1, -2) @ vv, z=kw.sum(-2), c=c, tokens=k.shape[-2])
+
+
 def softmax_continue(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, *,
-                     scale: float | None) -> tuple[Tensor, KVCache]:
+                     scale: float | None, key_keep: Tensor | None = None
+                     ) -> tuple[Tensor, KVCache]:
     """Exact causal softmax attention of n new tokens over the cached keys and their own.
 
-    q (B, H, n, dh), k (B, Hkv, n, dh), v (B, Hkv, n, dv) -> (out (B, H, n, dv), the cache
-    with the n keys appended). New token i (of n) sees every cached key and new keys <= i."""
+    q (B, H, n, dh), k (B, Hkv, n, dh), v (B, Hkv, n, dv), key_keep (B, n) bool or None ->
+    (out (B, H, n, dv), the cache with the n keys appended). New token i (of n) sees every
+    cached real key and the real new keys <= i."""
+    B, n = q.shape[0], q.shape[-2]
+    old_keep = None if cache is None else cache.keep
     if cache is not None:
         k, v = torch.cat([cache.k, k], -2), torch.cat([cache.v, v], -2)
-    n, T = q.shape[-2], k.shape[-2]
+    T = k.shape[-2]
+    keep = None
+    if key_keep is not None or old_keep is not None:
+        ones = torch.ones(B, T, dtype=torch.bool, device=q.device)
+        keep = torch.cat([ones[:, :T - n] if old_keep is None else old_keep,
+                          ones[:, T - n:] if key_keep is None else key_keep.bool()], -1)
     allowed = torch.ones(n, T, dtype=torch.bool, device=q.device).tril(T - n)
+    if keep is not None:
+        allowed = allowed & keep[:, None, None, :]  # (B, 1, n, T)
     G = q.shape[1] // k.shape[1]
     kk, vv = (x.repeat_interleave(G, 1) if G > 1 else x for x in (k, v))
     out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed, scale=scale)
-    return out, KVCache(k=k, v=v)
+    return out, KVCache(k=k, v=v, keep=keep)

@@ -12,7 +12,7 @@ parameter shapes and call structure) share one export (``cache``).
 from __future__ import annotations
 
 import contextlib
-
+import contextvars
 import inspect
 import logging
 import operator
@@ -39,22 +39,30 @@ def _auto_dims(x: Any) -> Any:
 _PRIMITIVE = (type(None), bool, int, float, str)
 OPAQUE = "<flurka: an object, not checked>"  # _guard's expected value for non-primitives
 _HARMLESS = {"use_cache", "return_dict"}  # flags that do not change what the site computes
+# The KV cache a rewritten module's call is bound to (passes/install.py: its sites continue
+# from a state kept in that cache), which the guard then accepts on every call.
+BOUND_CACHE: contextvars.ContextVar[Any] = contextvars.ContextVar("flurka_bound_cache",
+                                                                  default=None)
 
 
 def _guard(value: Any, expected: Any, name: str, where: str) -> Any:
     """Runtime check that a non-tensor argument captured as a constant still fits the graph.
 
     Primitives must be equal (except flags in ``_HARMLESS``). A KV cache object is accepted
-    once per module while empty (prefill); the rewritten attention neither reads nor fills it,
-    so a second call with the same cache (incremental decoding) raises instead of silently
-    attending to the new tokens only."""
+    on every call while the module's call is bound to it (``BOUND_CACHE``: the rewritten
+    sites then continue from a state kept in it); otherwise once per module while empty
+    (prefill): the graph neither reads nor fills it, so a second call with the same cache
+    (incremental decoding) raises instead of silently attending to the new tokens only."""
+    if value is not None and value is BOUND_CACHE.get():
+        return value
     if hasattr(value, "get_seq_length"):
         seen = value.__dict__.setdefault("_flurka_seen", set())
         if where in seen:
+            why = value.__dict__.get("_flurka_why", "the rewritten attention recomputes "
+                                     "the whole sequence")
             raise RuntimeError(
-                f"{where}: incremental decoding with a KV cache is not supported by the "
-                "rewritten attention (it recomputes the whole sequence); call the model or "
-                "generate() with use_cache=False")
+                f"{where}: incremental decoding with a KV cache is not supported here "
+                f"({why}); call the model or generate() with use_cache=False")
         seen.add(where)
         return value
     if name in _HARMLESS or (isinstance(expected, str) and expected == OPAQUE):

@@ -10,16 +10,44 @@ Variants: a module captured twice, once with an optional tensor argument absent 
 Hugging Face passes ``attention_mask=None`` for a batch without padding) and once with it given
 (the padded probe), gets both graphs; ``forward`` runs the second one whenever any of the
 ``when_given`` arguments is not None. ``choose_variant`` is that rule, shared with verification.
+
+KV caches: a call that passes a KV cache object (anything with ``get_seq_length``, e.g. a
+Hugging Face ``DynamicCache``) runs inside the context the registered cache binder returns
+(``set_cache_binder``; flurka_rewrite/hf_generate.py registers the one that continues every
+rewritten site from a recurrent state kept in the cache). While it runs, the capture's guard
+(``export_capture._guard``) accepts that cache; when the binder declines (returns None) or
+none is registered, the guard accepts the cache once while empty and refuses a second call.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 from torch.fx import GraphModule
+
+from .export_capture import BOUND_CACHE
+
+# binder(module, cache, args, kwargs) -> a context manager to run the call in, or None when
+# the call cannot be bound (see the module docstring); unset until the top-level package
+# registers one.
+CacheBinder = Callable[[nn.Module, Any, tuple, dict], "ContextManager[None] | None"]
+_CACHE_BINDER: list[CacheBinder] = []
+
+
+def set_cache_binder(binder: CacheBinder) -> None:
+    """Register the function every rewritten module calls when it is given a KV cache."""
+    _CACHE_BINDER[:] = [binder]
+
+
+def _cache_in(args: tuple, kwargs: dict) -> Any:
+    """The KV cache object among a call's arguments (duck-typed as the guard does), or None."""
+    for a in (*args, *kwargs.values()):
+        if a is not None and not isinstance(a, torch.Tensor) and hasattr(a, "get_seq_length"):
+            return a
+    return None
 
 
 def _code(gm: GraphModule) -> tuple[str, str, dict[str, Any]]:
@@ -97,15 +125,28 @@ def _rewritten_class(base: type, variants: list[tuple[str, str, dict[str, Any]]]
         exec(compile(imports + "\n" + src, f"<flurka {base.__name__}>", "exec"), glb)
         fns.append(glb["forward"])
     if len(fns) == 1:
-        forward = fns[0]
+        run = fns[0]
     else:
         main, given = fns
         sig_fn = base.forward
 
-        def forward(self, *args, **kwargs):
+        def run(self, *args, **kwargs):
             if choose_variant(sig_fn, when_given, (self, *args), kwargs):
                 return given(self, *args, **kwargs)
             return main(self, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        cache = _cache_in(args, kwargs)
+        ctx = None if cache is None or not _CACHE_BINDER else \
+            _CACHE_BINDER[0](self, cache, args, kwargs)
+        if ctx is None:
+            return run(self, *args, **kwargs)
+        token = BOUND_CACHE.set(cache)
+        try:
+            with ctx:
+                return run(self, *args, **kwargs)
+        finally:
+            BOUND_CACHE.reset(token)
 
     def __reduce_ex__(self, protocol):
         return (_rebuild, (base, variants, when_given, self.__dict__))

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flurka_rewrite as fr
-from flurka_rewrite.kernels.recurrent import causal_continue, empty_state
+from flurka_rewrite.kernels.recurrent import causal_continue, causal_state, empty_state
 from flurka_rewrite.kernels.reference import causal_kernel_attention
 
 VOCAB, D, H, HKV, LAYERS, CTX = 40, 32, 4, 2, 2, 96
@@ -157,6 +157,36 @@ def test_causal_continue_equals_the_chunked_forward_in_pieces() -> None:
             outs.append(o)
         torch.testing.assert_close(torch.cat(outs, 2), ref, rtol=1e-5, atol=1e-6)
         assert state.tokens == N and math.isfinite(float(state.S.abs().max()))
+
+
+def test_padded_keys_and_the_prefill_state() -> None:
+    """Left-padded keys stay out of the state as the whole-sequence forward keeps them out,
+    and ``causal_state`` (a prefill's final state without its outputs) equals the state
+    ``causal_continue`` ends with."""
+    g = torch.Generator().manual_seed(6)
+    B, Hq, Hk, N, m, dv = 3, 4, 2, 40, 8, 6
+    pq, pk = torch.rand(B, Hq, N, m, generator=g), torch.rand(B, Hk, N, m, generator=g)
+    v, ls = torch.randn(B, Hk, N, dv, generator=g), torch.randn(B, Hk, N, generator=g) * 3
+    keep = torch.ones(B, N, dtype=torch.bool)
+    keep[1, :9], keep[2, :30] = False, False  # left padding
+    for log_scale in (None, ls):
+        ref = causal_kernel_attention(pq, pk, v, key_log_scale=log_scale, chunk_size=16,
+                                      key_padding_mask=keep)
+        cut = 31
+        pre = causal_state(pk[:, :, :cut], v[:, :, :cut], key_keep=keep[:, :cut],
+                           key_log_scale=None if log_scale is None else log_scale[:, :, :cut])
+        o, whole = causal_continue(pq[:, :, :cut], pk[:, :, :cut], v[:, :, :cut],
+                                   empty_state(B, Hk, m, dv, pq.device), key_keep=keep[:, :cut],
+                                   key_log_scale=None if log_scale is None
+                                   else log_scale[:, :, :cut], chunk_size=16)
+        for a, b in ((pre.S, whole.S), (pre.z, whole.z), (pre.c, whole.c)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        rest, _ = causal_continue(pq[:, :, cut:], pk[:, :, cut:], v[:, :, cut:], pre,
+                                  key_keep=keep[:, cut:], key_log_scale=None if log_scale is None
+                                  else log_scale[:, :, cut:], chunk_size=16)
+        real = keep[:, None, :, None].expand_as(ref)  # padded query rows are not compared
+        torch.testing.assert_close(torch.cat([o, rest], 2)[real], ref[real],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_models_that_cannot_decode_are_refused_with_the_reason() -> None:
