@@ -160,9 +160,8 @@ class PerformerFeatures(FeatureMap):
         if key_mask is not None:  # padded keys: exp(-inf) = 0 exactly, and a zero gradient (an
             u = u.masked_fill(~key_mask, -math.inf)  # exp that overflowed there gave 0*inf = NaN)
         # One max over all (real) keys and features of a (batch, head): it cancels in the
-        # ratio. All keys padded: the max is -inf and any finite c will do.
-        c = u.detach().amax(dim=(-2, -1), keepdim=True)
-        c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+        # ratio. All keys padded: the max is -inf; clamped, exp(-inf - c) is still 0.
+        c = u.detach().amax(dim=(-2, -1), keepdim=True).clamp_min(-1e30)
         # In place: u is not needed by autograd (its matmul saved the inputs, exp its output).
         return u.sub_(c + 0.5 * math.log(self.num_features)).exp_()  # m^(-1/2) folded in
 
