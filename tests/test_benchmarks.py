@@ -418,3 +418,65 @@ def test_measure_produces_samples_for_fit():
         assert t > 0 and set(w) == set(calib.CATEGORIES)
     assert samples[0][0]["sdpa"] > 0 and samples[1][0]["exp"] > 0
     assert math.isfinite(calib.Calibration(calib.fit(samples)).predict(samples[0][0]))
+
+
+# -- decoding benchmark -------------------------------------------------------------------------
+def test_decode_quick_mode_writes_json_and_a_state_that_does_not_grow(tmp_path):
+    """benchmarks/decode_cpu.py --quick: every (context, variant) row is there with its
+    fields; the original's cache holds exactly layers x 2 x B x kv_heads x head size x 4
+    bytes per token seen, so it grows with the context, while each converted model's state
+    holds the same bytes at 128 and 512 tokens (and fewer than the original at 512); the
+    windowed variants are reported, not silently dropped."""
+    import decode_cpu as dec
+
+    out = tmp_path / "decode.json"
+    payload = dec.main(["--quick", "--threads", "1", "--tokens", "2", "--warmup", "1",
+                        "--json", str(out), "--plot", str(tmp_path / "decode.png")])
+    saved = json.loads(out.read_text())
+    assert saved["results"] == json.loads(json.dumps(payload["results"]))
+    assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = saved["config"]
+    assert (cfg["contexts"], cfg["batches"], cfg["layers"]) == ([128, 512], [1], 2)
+    rows = {(r["variant"], r["context"]): r for r in saved["results"]}
+    assert set(rows) == {(v, n) for v in dec.VARIANTS for n in (128, 512)}
+    dh = cfg["hidden"] // cfg["heads"]
+    for n in (128, 512):
+        for v in ("original", "rnn", "performer"):
+            r = rows[(v, n)]
+            assert r["status"] == "ok"
+            assert r["cache_tokens"] == n + 1 + 2
+            assert r["prefill_ms"] > 0 and r["decode_ms"] > 0 and r["decode_tokens"] == 2
+            assert r["tokens_per_s"] == pytest.approx(1e3 / r["decode_ms"])
+        orig = rows[("original", n)]
+        assert orig["cache_bytes"] == cfg["layers"] * 2 * cfg["kv_heads"] * dh * 4 * (n + 3)
+        for v in ("rnn_window", "performer_window"):  # decoding refuses windowed sites today
+            assert rows[(v, n)]["status"] in ("ok", "not supported")
+            if rows[(v, n)]["status"] != "ok":
+                assert "window" in rows[(v, n)]["reason"]
+    assert rows[("original", 512)]["cache_bytes"] > 3 * rows[("original", 128)]["cache_bytes"]
+    for v in ("rnn", "performer"):
+        assert rows[(v, 512)]["cache_bytes"] == rows[(v, 128)]["cache_bytes"] > 0
+        assert rows[(v, 512)]["memory_ratio"] < 1
+    assert all(t["met"] is None for t in saved["targets"])  # no 16k point in --quick
+
+
+def test_decode_targets_against_a_hand_made_table():
+    import decode_cpu as dec
+
+    def row(v, n, ms, nbytes):
+        return {"variant": v, "context": n, "batch": 1, "status": "ok", "decode_ms": ms,
+                "cache_bytes": nbytes}
+
+    rows = [row("original", 512, 10, 1000), row("original", 16384, 40, 32000),
+            row("rnn", 512, 5, 100), row("rnn", 16384, 5.5, 100),
+            row("performer", 512, 5, 100), row("performer", 16384, 20, 1500),
+            {"variant": "rnn_window", "context": 512, "batch": 1, "status": "not supported"}]
+    got = {t["target"]: (t["value"], t["met"]) for t in dec.targets(rows)}
+    assert got["rnn decode at 16k within 1.2x of 512 (batch 1)"] == (1.1, True)
+    assert got["rnn tokens/s at 16k >= 3x original (batch 1)"] == (round(40 / 5.5, 4), True)
+    assert got["rnn cache memory at 16k <= 1/16 of original (batch 1)"] == (
+        round(100 / 32000, 4), True)
+    assert got["performer decode at 16k within 1.2x of 512 (batch 1)"] == (4.0, False)
+    assert got["performer tokens/s at 16k >= 3x original (batch 1)"] == (2.0, False)
+    assert got["performer cache memory at 16k <= 1/16 of original (batch 1)"][1] is True
+    assert got["rnn_window tokens/s at 16k >= 3x original (batch 1)"] == ("not supported", None)
