@@ -85,7 +85,8 @@ class Config:
     train_steps: int = 700
     train_lr: float = 3e-3
     # conversion and up-training
-    kernel: str = "performer"      # "performer" | "ffk" | "relu" | "rnn"
+    kernel: str = "performer"      # "performer" | "ffk" | "relu" | "rnn" | "eva"
+    window: int | None = None      # sliding window of exact softmax beside the kernel (None: off)
     distill_steps: int = 150       # attention transfer (trainable kernels only: ffk)
     distill_lr: float = 1e-2
     finetune_steps: int = 300
@@ -282,8 +283,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # 2. convert: kernel-only on the causal sites (dk=None)
     example = data.batch(4, torch.Generator().manual_seed(cfg.seed))[0]
-    converted = fr.convert(model, kernel=cfg.kernel, dk=None, example_inputs=(example,),
-                           seed=cfg.seed)
+    converted = fr.convert(model, kernel=cfg.kernel, dk=None, window=cfg.window,
+                           example_inputs=(example,), seed=cfg.seed)
     report = converted.flurka_report
     print(report)
     val_before = evaluate(converted, val, cfg.batch)
@@ -294,7 +295,7 @@ def run(cfg: Config) -> dict[str, Any]:
     distill_losses: list[float] = []
     val_after_distill = None
     kernel_params = [p for m in converted.modules() if isinstance(m, fr.FlurkaAttention)
-                     for p in m.parameters()]  # ffk weights; none for performer/relu/rnn
+                     for p in m.parameters()]  # ffk weights, window mix; else none
     if cfg.distill_steps and kernel_params:
         g = torch.Generator().manual_seed(cfg.seed + 1)
         batches = [data.batch(cfg.batch, g)[0] for _ in range(cfg.distill_steps)]
@@ -378,12 +379,18 @@ def panels(figures: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``--quick``, ``--json PATH``, ``--plot PATH``, ``--kernel K``."""
+    """Command line: ``--quick``, ``--json PATH``, ``--plot PATH``, ``--kernel K``,
+    ``--window W``."""
     p = _common.parser(__doc__.splitlines()[0], "examples/results/uptrain_char_lm.png")
-    p.add_argument("--kernel", default=Config.kernel, choices=["ffk", "performer", "relu", "rnn"])
+    p.add_argument("--kernel", default=Config.kernel,
+                   choices=["ffk", "performer", "relu", "rnn", "eva"])
+    p.add_argument("--window", type=int, default=None, metavar="W",
+                   help="sliding-window hybrid: exact softmax over the W previous characters "
+                        "beside the kernel part (default: none; not with eva)")
     args = p.parse_args(argv)
     _common.setup(args)
-    cfg = replace(QUICK if args.quick else Config(), kernel=args.kernel, seed=args.seed)
+    cfg = replace(QUICK if args.quick else Config(), kernel=args.kernel, window=args.window,
+                  seed=args.seed)
     figures = run(cfg)
     _common.finish(args, figures, panels(figures),
                    f"char LM: softmax {figures['val_loss_softmax']:.3f}, {cfg.kernel} before "

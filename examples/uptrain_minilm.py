@@ -289,6 +289,7 @@ class Config:
     kernel: str = "ffk"
     dk: int | None = None  # rank along the sequence (< max_len); None: kernel attention only
     num_features: int | None = None
+    window: int | None = None  # sliding window of exact softmax beside the kernel (None: off)
     max_len: int = 48  # longest sentence in tokens (E, F are dk x max_len); longer: truncated
     held_out: int = 256  # sentences never trained on
     docstrings: bool = True  # train on the standard library's docstrings too
@@ -345,6 +346,7 @@ def run_models(cfg: Config) -> tuple[dict[str, Any], nn.Module, nn.Module]:
 
     # 1. convert: every attention site becomes FLuRKA (rank dk along the sequence + kernel)
     new = fr.convert(model, kernel=cfg.kernel, dk=cfg.dk, num_features=cfg.num_features,
+                     window=cfg.window,
                      example_inputs={k: v[:cfg.batch] for k, v in train_ids.items()},
                      max_seq_len=cfg.max_len, seed=cfg.seed)
     print(new.flurka_report)
@@ -450,6 +452,7 @@ def save_flurka(path: str | os.PathLike, new: nn.Module, original: nn.Module,
 def title(cfg: Config) -> str:
     """The plot's title: what the attention became."""
     low = f", dk={cfg.dk}" if cfg.dk is not None else " (kernel only)"
+    low += f", window {cfg.window}" if cfg.window is not None else ""
     return f"all-MiniLM-L6-v2: softmax -> {cfg.kernel}{low}"
 
 
@@ -470,12 +473,20 @@ def main() -> None:
                         "the FLuRKA parameters")
     p.add_argument("--finetune-steps", type=int, default=None, metavar="N",
                    help="fine-tuning steps (default: 600, --quick 100; 0: distillation only)")
+    p.add_argument("--kernel", default=FULL.kernel,
+                   choices=["ffk", "performer", "relu", "rnn", "eva"])
+    p.add_argument("--dk", type=int, default=None,
+                   help="rank along the sequence (< 48; default: none, kernel attention only)")
+    p.add_argument("--window", type=int, default=None, metavar="W",
+                   help="sliding-window hybrid: exact softmax over the W nearest tokens beside "
+                        "the kernel part (default: none; not with eva)")
     p.add_argument("--save-flurka", metavar="PATH",
                    help="write the up-trained FLuRKA parameters to PATH (safetensors) and a "
                         "manifest beside it (PATH with .json); needs --finetune-params flurka")
     args = p.parse_args()
     cfg = replace(QUICK if args.quick else FULL, seed=args.seed, progress=True,
-                  finetune_params=args.finetune_params)
+                  finetune_params=args.finetune_params, kernel=args.kernel, dk=args.dk,
+                  window=args.window)
     if args.finetune_steps is not None:
         cfg = replace(cfg, finetune_steps=args.finetune_steps)
     if args.save_flurka and cfg.finetune_steps and cfg.finetune_params != "flurka":

@@ -190,6 +190,7 @@ class Config:
     kernel: str = "ffk"  # distilled best of performer/relu/rnn/ffk at dk=32 (module docstring)
     dk: int = 32  # rank along the sequence: 65 tokens -> 32 keys/values
     num_features: int | None = None
+    window: int | None = None  # sliding window of exact softmax beside the kernel (None: off)
     distill_steps: int = 400
     distill_lr: float = 1e-2
     finetune_epochs: int = 15  # converted model, all parameters
@@ -220,8 +221,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # 2. convert: every attention site becomes FLuRKA (rank dk along the sequence + kernel)
     new = fr.convert(model, kernel=cfg.kernel, dk=cfg.dk, num_features=cfg.num_features,
-                     example_inputs=(xtr[:cfg.batch],), max_seq_len=65,  # 64 pixels + CLS
-                     seed=cfg.seed)
+                     window=cfg.window, example_inputs=(xtr[:cfg.batch],),
+                     max_seq_len=65, seed=cfg.seed)  # 64 pixels + CLS
     print(new.flurka_report)
     converted_acc_before = accuracy(new, xte, yte)
     print(f"converted, before training: test accuracy {converted_acc_before:.4f}")
@@ -272,12 +273,19 @@ def _panels(figures: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
 
 
 def main() -> None:
-    """Command line: ``--quick``, ``--json PATH``, ``--plot PATH``, ``--seed``, ``--threads``."""
+    """Command line: ``--quick``, ``--json PATH``, ``--plot PATH``, ``--seed``, ``--threads``,
+    ``--kernel K``, ``--window W``."""
     p = _common.parser(__doc__.splitlines()[0], "examples/results/uptrain_vit_digits.png")
+    p.add_argument("--kernel", default=FULL.kernel,
+                   choices=["ffk", "performer", "relu", "rnn", "eva"])
+    p.add_argument("--window", type=int, default=None, metavar="W",
+                   help="sliding-window hybrid: exact softmax over the W nearest patches "
+                        "beside the kernel part (default: none; not with eva)")
     args = p.parse_args()
     _common.setup(args)
     # cfg.plot stays None: finish() draws the plot
-    cfg = replace(QUICK if args.quick else FULL, seed=args.seed, progress=True)
+    cfg = replace(QUICK if args.quick else FULL, seed=args.seed, progress=True,
+                  kernel=args.kernel, window=args.window)
     figures = run(cfg)
     _common.finish(args, figures, _panels(figures), "ViT on digits: softmax -> FLuRKA")
 
