@@ -15,6 +15,7 @@ from .saving import save
 from .hf import install_from_pretrained_hook
 from .distill import DistillResult, distill
 from .decoding import DecodeState, init_state, step
+from .onnx_step import OnnxStepExport, export_onnx_step
 from .lora import FlurkaParametersNotSavedWarning, add_lora, flurka_parameters
 
 __version__ = "0.1.0"
@@ -23,7 +24,7 @@ __all__ = ["FlurkaAttention", "RewriteConfig", "RewriteReport", "SiteReport", "c
            "__version__"]
 __all__ += ["export_onnx", "load", "save", "distill", "DistillResult", "AllSitesSkippedWarning",
             "AlreadyConvertedWarning"]
-__all__ += ["DecodeState", "init_state", "step"]
+__all__ += ["DecodeState", "init_state", "step", "export_onnx_step", "OnnxStepExport"]
 __all__ += ["add_lora", "flurka_parameters", "FlurkaParametersNotSavedWarning"]
 __all__ += ["DkNotBelowLengthWarning"]
 

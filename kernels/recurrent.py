@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flurka_rewrite.kernels.reference import is_exporting
+
 
 @dataclass
 class KernelState:
@@ -84,6 +86,14 @@ def empty_state(B: int, hkv: int, m: int, dv: int, device: torch.device) -> Kern
                        c=torch.zeros(B, hkv, device=device))
 
 
+def _running_max(x: Tensor, tril: Tensor) -> Tensor:
+    """cummax of x (..., c) along its last axis; under export a masked max over the c x c
+    lower triangle ``tril`` (ONNX has no cummax; c is at most one chunk)."""
+    if not is_exporting():
+        return torch.cummax(x, -1).values
+    return x[..., None, :].masked_fill(~tril, -math.inf).amax(-1)
+
+
 def causal_continue(
     phi_q: Tensor,
     phi_k: Tensor,
@@ -123,8 +133,8 @@ def causal_continue(
         kt, vt = k[:, :, None, t0:t0 + C], vv[:, :, None, t0:t0 + C]  # (B, Hkv, 1, c, .)
         lt = ls[:, :, t0:t0 + C]  # (B, Hkv, c)
         c = lt.shape[-1]
-        ct = torch.maximum(torch.cummax(lt, -1).values, c_prev)  # running max at each token
         tril = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+        ct = torch.maximum(_running_max(lt, tril), c_prev)  # running max at each token
         expo = (lt[..., None, :] - ct[..., :, None]).masked_fill(~tril, -math.inf)
         A = (qt @ kt.transpose(-1, -2)) * expo.exp()[:, :, None]  # (B, Hkv, G, c, c)
         inter = torch.exp(c_prev - ct)[:, :, None, :, None]  # (B, Hkv, 1, c, 1), <= 1

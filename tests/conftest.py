@@ -25,6 +25,7 @@ SLOW_FILES = (
     "test_example_*.py", "test_triton.py", "test_triton_fused.py", "test_cli.py",
     "test_cli_guide.py",
     "test_benchmarks.py",
+    "test_onnx_step.py",  # four ONNX exports of a decoding step: ~60 s
 )
 
 
