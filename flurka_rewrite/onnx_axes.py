@@ -62,6 +62,13 @@ def name_dynamic_axes(model: Any, inputs: dict[str, tuple[tuple[int, ...], Any]]
                 count[role] = count.get(role, 0) + 1
                 names_of[key] = role if count[role] == 1 else f"{role}_{count[role]}"
             mapping[dim.value] = names_of[key]
+    return rename_axes(model, mapping)
+
+
+def rename_axes(model: Any, mapping: dict[str, str]) -> dict[str, dict[int, str]]:
+    """Rename the symbolic dims of every value of ``model`` (an onnx_ir model) by ``mapping``;
+    returns each input's named axes {input: {axis: name}}."""
+    import onnx_ir as ir
     for value in _values(model):
         if value.shape is None:
             continue

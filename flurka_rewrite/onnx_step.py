@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 
 from flurka_rewrite.decoding import DecodeState, _continuing, _sites, init_state, step
 from flurka_rewrite.kernels.recurrent import KernelState, KVCache
-from flurka_rewrite.onnx_axes import _rename, _values
+from flurka_rewrite.onnx_axes import rename_axes
 from flurka_rewrite.onnx_export import (
     _fp32, _input_names, _quiet, _split_inputs, flat_outputs, reference_mode,
 )
@@ -300,18 +300,4 @@ def _name_axes(model: Any, input_names: list[str], tensors: list[Tensor]
                 mapping[dim.value] = NEW
             elif axis == 2 and value.name.split(".")[-1] in KV_PARTS:
                 mapping[dim.value] = PAST
-    for value in _values(model):
-        if value.shape is None:
-            continue
-        dims = [ir.SymbolicDim(_rename(d.value, mapping))
-                if isinstance(d, ir.SymbolicDim) and isinstance(d.value, str) else d
-                for d in value.shape]
-        if any(a is not b for a, b in zip(dims, value.shape)):
-            value.shape = ir.Shape(dims)
-    names: dict[str, dict[int, str]] = {}
-    for value in model.graph.inputs:
-        axes = {i: d.value for i, d in enumerate(value.shape or ())
-                if isinstance(d, ir.SymbolicDim) and isinstance(d.value, str)}
-        if axes:
-            names[value.name] = axes
-    return names
+    return rename_axes(model, mapping)
