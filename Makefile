@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flurka-installed
 
-.PHONY: demo demo-toy test test-fast test-gpu test-triton-versions lint install clean
+.PHONY: demo demo-generate demo-toy test test-fast test-gpu test-triton-versions lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ demo: $(STAMP)
 	$(VENV)/bin/flurka-rewrite "$$($(PY) examples/demo_minilm.py --model-dir)" -o out/minilm_flurka \
 		--kernel ffk --dk none --example-shape 2,48 --report out/minilm_report.md --force
 	$(PY) examples/demo_minilm.py out/minilm_flurka --out out
+
+# A converted causal LM generating text (examples/generate_char_llama.py, ~8 minutes): a
+# character-level Llama trained here, converted to performer attention with a 32-character
+# window and fine-tuned; generate() continues held-out prompts from the original's KV cache
+# and from the converted model's fixed-size state, then both are timed per token at long
+# contexts. Figures and texts go to out/generate_demo.md and .json.
+demo-generate: $(STAMP)
+	$(PY) examples/generate_char_llama.py --threads 1 --out out
 
 # The embedded toy transformer (flurka_rewrite/demo.py, random weights, no up-training) through
 # the real CLI, then the converted program is loaded and run on new inputs beside the original.

@@ -11,9 +11,10 @@ SDPA): 6 layers, width 512, 8 heads (head size 64), 4 key/value heads (grouped-q
   original          the model with its ``DynamicCache`` (keys and values of every token)
   rnn, performer    ``fr.convert(kernel=..., dk=None)``: causal kernel attention, generating
                     with a fixed-size recurrent state (``FlurkaStateLayer``, hf_generate.py)
-  *_window          the same with ``window=64``: converted, then one prefill and one decode
-                    step are tried; while decoding refuses windowed sites the rows say "not
-                    supported" with the refusal, and nothing is timed for them
+  *_window          the same with ``window=64``: exact softmax over the last 64 keys beside
+                    the kernel; the state adds the last 63 keys and values (a rolling buffer,
+                    kernels/window_decode.py), so it is bounded too. A variant whose decoding
+                    is refused gets rows saying "not supported" with the refusal, untimed
 
 At each (context N, batch B): every variant prefills N random tokens (``model(ids,
 use_cache=True, logits_to_keep=1)``: the time is "prefill"; 3 interleaved repetitions when
@@ -21,9 +22,10 @@ B*N <= 2048, else 1), then decodes greedily from its own cache, one token per ca
 interleaved across variants (A B C A B C ...): ``--warmup`` untimed tokens, then the median
 of ``--tokens`` timed ones is "per-token decode". Cache memory = bytes held by the cache's
 tensors after the last token: for the original its layers' keys and values, for a converted
-model the states' tensors (S, z, c in fp32). Every model first runs a 64-token prefill and
-two steps, so one-time costs stay out. ``--max-batch-tokens`` skips points with B*N above it
-(the rows say so). Partial results are written after every point.
+model the states' tensors (S, z, c in fp32; with a window also its buffer of keys and
+values). Every model first runs a 64-token prefill and two steps, so one-time costs stay
+out. ``--max-batch-tokens`` skips points with B*N above it (the rows say so). Partial
+results are written after every point.
 """
 from __future__ import annotations
 
@@ -352,7 +354,8 @@ DEFINITIONS = {
     "tokens_per_s": "batch * 1000 / decode_ms",
     "decode_speedup": "original decode_ms / this decode_ms at the same (context, batch)",
     "cache_bytes": "bytes of the cache's tensors after the last token: DynamicLayer keys and "
-                   "values (original), FlurkaStateLayer states S, z, c (converted)",
+                   "values (original), FlurkaStateLayer states: S, z, c (converted), plus "
+                   "the window's last w - 1 keys, values and their padding flags (_window)",
     "cache_tokens": "tokens the cache has seen (context + warmup + tokens)",
     "memory_ratio": "cache_bytes / the original's at the same (context, batch)",
 }

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from flurka_rewrite.kernels.attention import FlurkaAttention
 from flurka_rewrite.kernels.recurrent import KernelState, KVCache
+from flurka_rewrite.kernels.window_decode import WindowState
 from flurka_rewrite.passes.install import set_cache_binder
 
 
@@ -36,7 +37,7 @@ class DecodeState:
     """The recurrent state of a converted causal model: one entry per ``FlurkaAttention``
     (by module path; None before its first token) and the tokens consumed so far."""
 
-    sites: dict[str, KernelState | KVCache | None] = field(default_factory=dict)
+    sites: dict[str, KernelState | KVCache | WindowState | None] = field(default_factory=dict)
     tokens: int = 0
 
     def numel(self) -> int:
@@ -51,7 +52,7 @@ def _sites(model: nn.Module) -> dict[str, FlurkaAttention]:
 
 def init_state(model: nn.Module) -> DecodeState:
     """An empty ``DecodeState`` for ``model`` (a causal model from ``convert``); raises when
-    a site cannot decode with a state (skipped sites, non-causal or windowed sites)."""
+    a site cannot decode with a state (skipped sites, non-causal, low-rank or EVA sites)."""
     sites = _sites(model)
     if not sites:
         raise ValueError("init_state: the model has no FlurkaAttention: pass the model "
@@ -67,7 +68,8 @@ def init_state(model: nn.Module) -> DecodeState:
         why = m.decode_refusal()
         if why is not None:
             raise ValueError(f"init_state: {path} cannot decode with a state ({why}); only "
-                             "causal kernel or exact softmax sites without a window can")
+                             "causal kernel sites (with or without a window) and exact "
+                             "softmax sites can")
     return DecodeState(sites={p: None for p in sites})
 
 

@@ -3,7 +3,8 @@
 A rewritten attention module that is given a KV cache (passes/install.py calls ``bind``
 around its call) keeps, in place of its keys and values, the recurrent state of each of its
 ``FlurkaAttention`` sites (kernels/recurrent.py): S, z and the log scale c in fp32 for a
-kernel site, the keys and values for an exact softmax site. The state lives in the cache
+kernel site (and, with a window, the last w - 1 keys and values: kernels/window_decode.py), the
+keys and values for an exact softmax site. The state lives in the cache
 ``generate`` creates, as the layer ``FlurkaStateLayer`` (a transformers ``CacheLayerMixin``)
 at the module's ``layer_idx`` (or its attention child's, for a unit captured at the decoder
 layer): the empty ``DynamicLayer`` there is replaced by one on the module's first call. So:
@@ -24,7 +25,7 @@ layer): the empty ``DynamicLayer`` there is replaced by one on the module's firs
 A call that cannot be continued exactly is not bound: attention classes not verified here
 (``VERIFIED``), caches whose layer at that index is not an empty ``DynamicLayer`` (static,
 sliding-window, quantized caches; a cache filled by the original model), sites without a
-recurrent form (non-causal, windowed, EVA) and training mode. Such a module runs as before
+recurrent form (non-causal, low-rank, EVA) and training mode. Such a module runs as before
 (a plain forward with a fresh cache still works) and the next call with the same cache raises
 the capture guard's ``RuntimeError`` ("... use_cache=False") with the reason. Rolling the
 state back (``crop``: assisted decoding) raises too.
@@ -42,6 +43,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from flurka_rewrite.kernels.attention import MASKED_BELOW, FlurkaAttention
 from flurka_rewrite.kernels.recurrent import KernelState, KVCache, causal_state
+from flurka_rewrite.kernels.window_decode import WindowState, window_prefill_state
 
 # Attention classes whose cached generation is checked against full recomputation
 # (tests/test_generate_hf.py). Others keep the refusal: use_cache=False.
@@ -50,7 +52,7 @@ VERIFIED = frozenset({
     "Phi3Attention", "GPTNeoXAttention", "OPTAttention", "FalconAttention",
 })
 
-SiteState = KernelState | KVCache
+SiteState = KernelState | KVCache | WindowState
 
 
 class FlurkaStateLayer(CacheLayerMixin):
@@ -279,11 +281,13 @@ def _bound(module: nn.Module, layer: FlurkaStateLayer, sites: dict[str, FlurkaAt
 
 
 def prefill_state(attn: FlurkaAttention, k: Tensor, v: Tensor, keep: Tensor | None
-                  ) -> KernelState | KVCache:
+                  ) -> SiteState:
     """The state after a prefill of k, v (B, Hkv, n, d) whose outputs the whole-sequence
     forward computed (keep (B, n): the real keys)."""
     if attn.feature_map is None:
         return KVCache(k=k, v=v, keep=keep)
+    if getattr(attn, "window", None) is not None:
+        return window_prefill_state(attn.feature_map, k, v, keep, attn.window)
     phi_k, log_scale = attn.feature_map.causal_key_features(
         k, None if keep is None else keep[:, None, :, None])
     return causal_state(phi_k, v, key_log_scale=log_scale, key_keep=keep)

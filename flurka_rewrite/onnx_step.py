@@ -9,6 +9,8 @@
 The graph's inputs are the model's own tensor inputs for the new tokens (token ids (batch, n)
 and whatever places them, e.g. a 0-d ``start`` or ``position_ids``), then the per-site state
 ``past_state.{i}.S`` (B, Hkv, m, dv), ``.z`` (B, Hkv, m) and ``.c`` (B, Hkv) of a kernel site,
+``.S``, ``.z``, ``.key`` (B, Hkv, w - 1, dh), ``.value`` and ``.keep`` (B, w - 1) bool of a
+windowed site (kernels/window_decode.py: the far sums and the buffer of the last w - 1 keys),
 or ``past_state.{i}.key`` (B, Hkv, past_length, dh) and ``.value`` of an exact softmax site;
 its outputs are the model's outputs (``logits`` for a model returning one tensor) and
 ``present_state.{i}.*``, the state after the new tokens, to be fed back as the next
@@ -22,8 +24,8 @@ it is exported with ``torch.onnx.export(dynamo=True)`` like ``export_onnx``, wit
 dynamic axes named ``batch_size``, ``new_tokens`` and ``past_length``.
 
 The graph always continues from its inputs' state (it has no "first token" branch). The
-empty state, before a prompt, is S = 0, z = 0, c = -1e30 and zero-length keys and values
-(``OnnxStepExport.empty_state``): the log scale -1e30 gives the old (empty) sums a weight of
+empty state, before a prompt, is S = 0, z = 0, c = -1e30, zero-length keys and values, and
+for a window w - 1 zero keys marked False in ``keep`` (``OnnxStepExport.empty_state``): the log scale -1e30 gives the old (empty) sums a weight of
 exactly 0, so an ONNX prefill gives what ``fr.step`` gives from ``init_state``.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ from torch.utils import _pytree as pytree
 
 from flurka_rewrite.decoding import DecodeState, _continuing, _sites, init_state, step
 from flurka_rewrite.kernels.recurrent import KernelState, KVCache
+from flurka_rewrite.kernels.window_decode import WindowState
 from flurka_rewrite.onnx_axes import rename_axes
 from flurka_rewrite.onnx_export import (
     _fp32, _input_names, _quiet, _split_inputs, flat_outputs, reference_mode,
@@ -47,6 +50,7 @@ from flurka_rewrite.onnx_export import (
 from flurka_rewrite.passes.atomic import atomic_write
 
 KERNEL_PARTS, KV_PARTS = ("S", "z", "c"), ("key", "value")
+PARTS = {"kernel": KERNEL_PARTS, "kv": KV_PARTS, "window": ("S", "z", "key", "value", "keep")}
 EMPTY_LOG_SCALE = -1e30  # the log scale of an empty state (module docstring)
 BATCH, NEW, PAST = "batch_size", "new_tokens", "past_length"
 
@@ -56,7 +60,8 @@ class OnnxStepExport:
     """What ``export_onnx_step`` wrote.
 
     input_names: the model's inputs, then ``past_state.{i}.*``; output_names: the model's
-    outputs, then ``present_state.{i}.*``. sites: (module path, "kernel" or "kv") of site i.
+    outputs, then ``present_state.{i}.*``. sites: (module path, "kernel", "window" or "kv")
+    of site i.
     shapes: state name (without the past_/present_ prefix) -> its shape for batch 1 and past
     length 0 (None where the batch or past length goes). axis_names: input -> {axis: name}
     of its symbolic axes (empty when the export had to fix them)."""
@@ -83,9 +88,12 @@ class OnnxStepExport:
         for i, (path, kind) in enumerate(self.sites):
             s = state.sites[path]
             if s is None:
-                parts = KERNEL_PARTS if kind == "kernel" else KV_PARTS
                 feeds.update({f"past_state.{i}.{p}": empty[f"past_state.{i}.{p}"]
-                              for p in parts})
+                              for p in PARTS[kind]})
+            elif isinstance(s, WindowState):
+                for p, t in zip(PARTS[kind], s.tensors()):
+                    t = t.detach().cpu()
+                    feeds[f"past_state.{i}.{p}"] = (t if p == "keep" else t.float()).numpy()
             elif isinstance(s, KernelState):
                 c = s.c if s.tokens else torch.full_like(s.c, EMPTY_LOG_SCALE)
                 for p, t in zip(KERNEL_PARTS, (s.S, s.z, c)):
@@ -106,6 +114,9 @@ class OnnxStepExport:
         for name, shape in self.shapes.items():
             dims = [batch_size if j == 0 else (0 if d is None else d)
                     for j, d in enumerate(shape)]
+            if name.endswith(".keep"):  # the window's slots before the first token
+                feeds[f"past_{name}"] = np.zeros(dims, dtype=bool)
+                continue
             fill = EMPTY_LOG_SCALE if name.endswith(".c") else 0.0
             feeds[f"past_{name}"] = np.full(dims, fill, dtype=np.float32)
         return feeds
@@ -114,7 +125,7 @@ class OnnxStepExport:
 class _StepCall(nn.Module):
     """forward(*inputs, *state) -> (*outputs, *new state): the model called on the example
     structure with its tensor leaves replaced by the inputs, every site continuing from the
-    state given as tensors (S, z, c per kernel site; key, value per exact site)."""
+    state given as tensors (``PARTS`` of each site's kind)."""
 
     def __init__(self, model: nn.Module, leaves: list, spec: Any, pos: list[int],
                  sites: list[tuple[str, str]]) -> None:
@@ -133,14 +144,15 @@ class _StepCall(nn.Module):
             if kind == "kernel":  # tokens=1: continue from the given c (no empty-state branch)
                 S, z, c = past.pop(0), past.pop(0), past.pop(0)
                 state.sites[path] = KernelState(S=S, z=z, c=c, tokens=1)
+            elif kind == "window":
+                state.sites[path] = WindowState(*(past.pop(0) for _ in range(5)), tokens=1)
             else:
                 state.sites[path] = KVCache(k=past.pop(0), v=past.pop(0))
         with _continuing(self.model, state):
             out = self.model(*args, **kwargs)
         new = []
         for path, _ in self._sites:
-            s = state.sites[path]
-            new += [s.S, s.z, s.c] if isinstance(s, KernelState) else [s.k, s.v]
+            new += state.sites[path].tensors()
         return (*(t for _, t in flat_outputs(out)), *new)
 
 
@@ -207,8 +219,8 @@ def export_onnx_step(
                          "tokens as a tensor")
     tensors = [leaves[i] for i in pos]
     input_names = _input_names(model, args, [flat[i][0] for i in pos])
-    sites = [(p, "kv" if m.feature_map is None else "kernel")
-             for p, m in _sites(model_fp32).items()]
+    sites = [(p, "kv" if m.feature_map is None else "kernel"
+              if getattr(m, "window", None) is None else "window") for p, m in _sites(model_fp32).items()]
     with reference_mode(model_fp32), torch.no_grad():
         if state is None:
             state = _example_state(model_fp32, args, kwargs)
@@ -221,11 +233,9 @@ def export_onnx_step(
             if s is None:
                 raise ValueError(f"export_onnx_step: the example state has no entry for {p} "
                                  "yet; run a prefill with fr.step first, or pass state=None")
-            parts = (zip(KERNEL_PARTS, (s.S, s.z, s.c)) if kind == "kernel"
-                     else zip(KV_PARTS, (s.k, s.v)))
-            for part, t in parts:
+            for part, t in zip(PARTS[kind], s.tensors()):
                 name = f"state.{i}.{part}"
-                past.append(t.float())
+                past.append(t if part == "keep" else t.float())
                 past_names.append(f"past_{name}")
                 axes: dict[int, Any] = {0: torch.export.Dim.AUTO} if dynamic_batch else {}
                 if kind == "kv":

@@ -31,7 +31,7 @@ from flurka_rewrite.kernels.dispatch import (
     window_attention_dispatch,
     fused_lowrank_dispatch,
 )
-from flurka_rewrite.kernels.feature_maps import build_feature_map
+from flurka_rewrite.kernels.feature_maps import PerformerFeatures, build_feature_map
 from flurka_rewrite.kernels.registry import (
     SOFTMAX, NameView, check_kernel, feature_map_class, kernel_names,
 )
@@ -46,6 +46,7 @@ from flurka_rewrite.kernels.reference import (
     softmax_attention,
 )
 from flurka_rewrite.kernels.window import initial_log_weight
+from flurka_rewrite.kernels.window_decode import WindowState, window_continue
 
 # The registered feature maps, then "softmax"; recomputed on use (kernels/registry.py).
 KERNELS = NameView(kernel_names)
@@ -262,19 +263,24 @@ class FlurkaAttention(nn.Module):
     # -- decoding with a recurrent state (kernels/recurrent.py) --------------------------
     def decode_refusal(self) -> str | None:
         """Why this site cannot continue from a recurrent state (None when it can)."""
+        fm = self.feature_map
         return ("it is not causal" if not self.causal else
                 "it has a low-rank projection" if self.dk is not None else
-                "it has a sliding window (not supported in decoding yet)"
-                if getattr(self, "window", None) is not None else
                 f"kernel {self.kernel!r} has no recurrent form"
-                if self.feature_map is not None and self.feature_map.custom_attention else None)
+                if fm is not None and fm.custom_attention else
+                f"its stabilised kernel {self.kernel!r} has no fixed key shift for a window"
+                if getattr(self, "window", None) is not None and fm is not None
+                and fm.causal_stabilized and not isinstance(fm, PerformerFeatures) else None)
 
-    def decode(self, q: Tensor, k: Tensor, v: Tensor, state: KernelState | KVCache | None,
+    def decode(self, q: Tensor, k: Tensor, v: Tensor,
+               state: KernelState | KVCache | WindowState | None,
                attn_mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
-               *, keep: Tensor | None = None) -> tuple[Tensor, KernelState | KVCache]:
+               *, keep: Tensor | None = None
+               ) -> tuple[Tensor, KernelState | KVCache | WindowState]:
         """Causal attention of n new tokens continuing from ``state`` (None before the first
         token): (out (B, H, n, dv), the new state: a fixed-size ``KernelState`` for a kernel
-        site, a ``KVCache`` for an exact softmax one). ``attn_mask`` (over the n new keys
+        site, a ``WindowState`` (bounded by the window) for a windowed one, a ``KVCache`` for
+        an exact softmax one). ``attn_mask`` (over the n new keys
         only) and ``key_padding_mask`` / ``keep`` ((B, n) bool, True = real key) may only
         mark padded keys, which are left out of the state as the whole-sequence forward
         leaves them out."""
@@ -288,6 +294,11 @@ class FlurkaAttention(nn.Module):
         if self.feature_map is None:
             return softmax_continue(q, k, v, state, scale=self.scale, key_keep=keep)
         fm = self.feature_map
+        if getattr(self, "window", None) is not None:  # kernels/window_decode.py
+            return window_continue(q, k, v, state, feature_map=fm,
+                                   log_weight=self.kernel_log_weight, scale=self.scale,
+                                   window=self.window, key_keep=keep,
+                                   chunk_size=self.chunk_size)
         kmask = None if keep is None else keep[:, None, :, None]
         phi_k, log_scale = fm.causal_key_features(k, kmask)
         phi_q = fm(q, is_query=True)

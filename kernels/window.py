@@ -100,7 +100,7 @@ def key_shift(fm: FeatureMap, ls: Tensor, keep: Tensor | None, causal: bool) -> 
     """b (B, Hkv, 1): the common log scale of the kernel keys' state (module docstring).
     ls (B, Hkv, L) the keys' log scales, keep (B, L) bool or None."""
     if causal and isinstance(fm, PerformerFeatures):  # a bound no key can move
-        bound = (fm.W.detach().float() ** 2).sum(-1).amax() / 2
+        bound = (fm.W.detach().float() ** 2).sum(-1).reshape(-1).amax(0) / 2  # ONNX: a dim
         return bound.to(ls.device).expand(ls.shape[0], ls.shape[1], 1)
     # (Non-causal; or a stabilized map without a known bound: its largest key, which lets a
     # future key change past positions by rounding only.)

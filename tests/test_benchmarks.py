@@ -449,12 +449,13 @@ def test_decode_quick_mode_writes_json_and_a_state_that_does_not_grow(tmp_path):
             assert r["tokens_per_s"] == pytest.approx(1e3 / r["decode_ms"])
         orig = rows[("original", n)]
         assert orig["cache_bytes"] == cfg["layers"] * 2 * cfg["kv_heads"] * dh * 4 * (n + 3)
-        for v in ("rnn_window", "performer_window"):  # decoding refuses windowed sites today
-            assert rows[(v, n)]["status"] in ("ok", "not supported")
-            if rows[(v, n)]["status"] != "ok":
-                assert "window" in rows[(v, n)]["reason"]
+        for v in ("rnn_window", "performer_window"):  # the window's buffer is 63 keys
+            r = rows[(v, n)]
+            assert r["status"] == "ok" and r["cache_tokens"] == n + 3
+            buffer = cfg["layers"] * 2 * cfg["kv_heads"] * dh * 4 * (cfg["window"] - 1)
+            assert r["cache_bytes"] > buffer  # keys and values of the window, plus S and z
     assert rows[("original", 512)]["cache_bytes"] > 3 * rows[("original", 128)]["cache_bytes"]
-    for v in ("rnn", "performer"):
+    for v in ("rnn", "performer", "rnn_window", "performer_window"):
         assert rows[(v, 512)]["cache_bytes"] == rows[(v, 128)]["cache_bytes"] > 0
         assert rows[(v, 512)]["memory_ratio"] < 1
     assert all(t["met"] is None for t in saved["targets"])  # no 16k point in --quick

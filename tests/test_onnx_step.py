@@ -7,8 +7,9 @@ empty state), 32 single-token steps run in ONNX Runtime, each feeding ``present_
 as ``past_state``; the logits must stay within 1e-4 of their scale (fp32: ONNX Runtime sums
 in another order, ~1e-7 measured) of ``fr.step``'s at every step, also for a batch the
 example did not have. Models: the nanoGPT-like model of tests/test_decoding.py (rnn,
-performer, exact softmax: a KV cache with a dynamic past length) and a converted GPT-2 built
-from a config.
+performer, exact softmax: a KV cache with a dynamic past length; rnn and performer with a
+window of 8: a fixed buffer of 7 keys beside the sums) and a converted GPT-2 built from a
+config.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 import flurka_rewrite as fr
 from test_decoding import VOCAB, TinyGPT, _converted
+from test_decoding_window import _converted_gpt
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -48,14 +50,18 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("kernel,onnx_prefill", [("rnn", False), ("performer", True),
-                                                 ("softmax", True)])
+                                                 ("softmax", True), ("rnn@8", True),
+                                                 ("performer@8", False)])
 def test_step_graph_matches_fr_step_over_32_steps(kernel: str, onnx_prefill: bool,
                                                   tmp_path) -> None:
-    model = _converted(kernel)
+    """kernel@w: with window=w (state: the far sums and the last w - 1 keys)."""
+    name, _, w = kernel.partition("@")
+    model = _converted_gpt(name, int(w)) if w else _converted(kernel)
     ex = torch.randint(0, VOCAB, (2, 3))
     info = fr.export_onnx_step(model, (ex, torch.tensor(0)), tmp_path / "step.onnx")
     kv = kernel == "softmax"
-    parts = ("key", "value") if kv else ("S", "z", "c")
+    parts = ("key", "value") if kv else ("S", "z", "key", "value", "keep") if w else \
+        ("S", "z", "c")
     assert info.input_names == ["idx", "start"] + [f"past_state.{i}.{p}" for i in range(2)
                                                    for p in parts]
     assert info.output_names == ["logits"] + [f"present_state.{i}.{p}" for i in range(2)
