@@ -28,7 +28,7 @@ demo: $(STAMP)
 		--kernel ffk --dk none --example-shape 2,48 --report out/minilm_report.md --force
 	$(PY) examples/demo_minilm.py out/minilm_flurka --out out
 
-# A converted causal LM generating text (examples/generate_char_llama.py, ~8 minutes): a
+# A converted causal LM generating text (examples/generate_char_llama.py, ~10 minutes): a
 # character-level Llama trained here, converted to performer attention with a 32-character
 # window and fine-tuned; generate() continues held-out prompts from the original's KV cache
 # and from the converted model's fixed-size state, then both are timed per token at long

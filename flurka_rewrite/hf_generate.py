@@ -33,7 +33,6 @@ state back (``crop``: assisted decoding) raises too.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any, Iterator
 
 import torch
@@ -44,6 +43,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 from flurka_rewrite.kernels.attention import MASKED_BELOW, FlurkaAttention
 from flurka_rewrite.kernels.recurrent import KernelState, KVCache, causal_state
 from flurka_rewrite.kernels.window_decode import WindowState, window_prefill_state
+from flurka_rewrite.passes.install import signature
 
 # Attention classes whose cached generation is checked against full recomputation
 # (tests/test_generate_hf.py). Others keep the refusal: use_cache=False.
@@ -175,7 +175,7 @@ def _module_mask(module: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
         return kwargs["attention_mask"]
     base = getattr(type(module), "_flurka_base", type(module))
     try:
-        bound = inspect.signature(base.forward).bind(module, *args, **kwargs)
+        bound = signature(base.forward).bind(module, *args, **kwargs)
     except TypeError:
         return None
     return bound.arguments.get("attention_mask")

@@ -25,8 +25,9 @@ dynamic axes named ``batch_size``, ``new_tokens`` and ``past_length``.
 
 The graph always continues from its inputs' state (it has no "first token" branch). The
 empty state, before a prompt, is S = 0, z = 0, c = -1e30, zero-length keys and values, and
-for a window w - 1 zero keys marked False in ``keep`` (``OnnxStepExport.empty_state``): the log scale -1e30 gives the old (empty) sums a weight of
-exactly 0, so an ONNX prefill gives what ``fr.step`` gives from ``init_state``.
+for a window w - 1 zero keys marked False in ``keep`` (``OnnxStepExport.empty_state``): the
+log scale -1e30 gives the old (empty) sums a weight of exactly 0, so an ONNX prefill gives
+what ``fr.step`` gives from ``init_state``.
 """
 from __future__ import annotations
 
@@ -219,8 +220,9 @@ def export_onnx_step(
                          "tokens as a tensor")
     tensors = [leaves[i] for i in pos]
     input_names = _input_names(model, args, [flat[i][0] for i in pos])
-    sites = [(p, "kv" if m.feature_map is None else "kernel"
-              if getattr(m, "window", None) is None else "window") for p, m in _sites(model_fp32).items()]
+    sites = [(p, "kv" if m.feature_map is None else
+              "kernel" if getattr(m, "window", None) is None else "window")
+             for p, m in _sites(model_fp32).items()]
     with reference_mode(model_fp32), torch.no_grad():
         if state is None:
             state = _example_state(model_fp32, args, kwargs)

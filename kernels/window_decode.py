@@ -87,13 +87,10 @@ def _far_features(fm: FeatureMap, k: Tensor, keep: Tensor) -> Tensor:
     return torch.where(km, phk, 0.0)
 
 
-def _evict(fm: FeatureMap, state: WindowState, k: Tensor, v: Tensor, keep: Tensor,
-           tokens: int) -> WindowState:
-    """Append k, v, keep (B, Hkv, c, .) to the buffer of w - 1; the c keys that leave it
-    (the oldest) enter S and z."""
-    kb, vb = torch.cat([state.k, k], -2), torch.cat([state.v, v], -2)
-    kp = torch.cat([state.keep, keep], -1)
-    out = k.shape[-2]
+def _roll(fm: FeatureMap, state: WindowState, kb: Tensor, vb: Tensor, kp: Tensor, out: int,
+          tokens: int) -> WindowState:
+    """The buffer with c new keys appended, kb (B, Hkv, w - 1 + c, dh), vb and kp (B, w - 1 + c):
+    its ``out`` = c oldest keys leave it and enter S and z."""
     ph = _far_features(fm, kb[:, :, :out], kp[:, :out])  # (B, Hkv, c, m)
     vv = torch.where(kp[:, None, :out, None], vb[:, :, :out].float(), 0.0)
     return WindowState(S=state.S + ph.transpose(-1, -2) @ vv, z=state.z + ph.sum(-2),
@@ -107,7 +104,9 @@ def window_prefill_state(fm: FeatureMap, k: Tensor, v: Tensor, keep: Tensor | No
     B, n = k.shape[0], k.shape[-2]
     keep = torch.ones(B, n, dtype=torch.bool, device=k.device) if keep is None else keep.bool()
     m = _far_features(fm, k[:, :, :1], keep[:, :1]).shape[-1]
-    return _evict(fm, empty_window_state(k, v, m, window), k, v, keep, n)
+    st = empty_window_state(k, v, m, window)
+    return _roll(fm, st, torch.cat([st.k, k], -2), torch.cat([st.v, v], -2),
+                 torch.cat([st.keep, keep], -1), n, n)
 
 
 def window_continue(
@@ -127,23 +126,25 @@ def window_continue(
         m = _far_features(fm, k[:, :, :1], keep[:, :1]).shape[-1]
         state = empty_window_state(k, v, m, window)
     theta = log_weight.float().reshape(1, hkv, G, 1)
+    b = None  # the causal key shift, a bound no key moves (stabilised maps only)
     outs = []
     for t0 in range(0, n, chunk_size):
         kc, vc, pc = k[:, :, t0:t0 + chunk_size], v[:, :, t0:t0 + chunk_size], \
             keep[:, t0:t0 + chunk_size]
         c, L = kc.shape[-2], state.k.shape[-2]
         qc = q[:, :, t0:t0 + c].float().reshape(B, hkv, G, c, dh)
-        kk = torch.cat([state.k, kc], -2).float()  # (B, Hkv, T, dh), T = L + c
-        vv = torch.cat([state.v, vc], -2).float()
+        kb, vb = torch.cat([state.k, kc], -2), torch.cat([state.v, vc], -2)  # (B, Hkv, T, d)
+        kk, vv = kb.float(), vb.float()  # T = L + c
         real = torch.cat([state.keep, pc], -1)  # (B, T)
         d = (torch.arange(L + c, device=q.device)[None, :] - L
              - torch.arange(c, device=q.device)[:, None])  # key - query position: (c, T)
-        in_win = (d > -window) & (d <= 0)
         far_in = d <= -window  # keys of this chunk already beyond the query's window
-        rk = real[:, None, None, None, :]  # (B, 1, 1, 1, T)
+        allowed = real[:, None, None, None, :]  # (B, 1, 1, 1, T)
+        if is_exporting() or c > 1:  # one new token: its window is the whole buffer
+            allowed = allowed & (d > -window) & (d <= 0)
         # -- exact part over the window ----------------------------------------------------
         s = (qc * scale) @ kk[:, :, None].transpose(-1, -2)  # (B, Hkv, G, c, T)
-        s = s.masked_fill(~(in_win & rk), float("-inf"))
+        s = s.masked_fill(~allowed, float("-inf"))
         s_max = s.detach().amax(-1)  # (B, Hkv, G, c)
         # -- kernel part: the far state plus this chunk's keys beyond the window ------------
         phq, lsq = row_features(fm, q[:, :, t0:t0 + c].float(), is_query=True)  # (B, H, c, m)
@@ -152,7 +153,7 @@ def window_continue(
         num_k = phq @ state.S[:, :, None]  # (B, Hkv, G, c, dv)
         den_k = (phq @ state.z[:, :, None, :, None])[..., 0]  # (B, Hkv, G, c)
         nf = L + c - window  # = c - 1 keys that are far for some query of the chunk
-        if nf > 0 or is_exporting():  # none for a single step (no branch in a graph)
+        if is_exporting() or nf > 0:  # none for a single step (no branch in a graph)
             phk = _far_features(fm, kk[:, :, :nf], real[:, :nf])  # (B, Hkv, nf, m)
             A = (phq @ phk[:, :, None].transpose(-1, -2)).masked_fill(~far_in[:, :nf], 0.0)
             num_k = num_k + A @ torch.where(real[:, None, :nf, None], vv[:, :, :nf],
@@ -160,7 +161,8 @@ def window_continue(
             den_k = den_k + A.sum(-1)
         lam = theta.expand(B, hkv, G, c)
         if lsq is not None:
-            b = key_shift(fm, lsq.new_zeros(B, hkv, 1), None, causal=True)  # (B, Hkv, 1)
+            if b is None:
+                b = key_shift(fm, lsq.new_zeros(B, hkv, 1), None, causal=True)  # (B, Hkv, 1)
             lam = lam + lsq + b[:, :, None]
         cm = torch.maximum(s_max, lam.detach() + torch.log(den_k.detach().clamp_min(_TINY)))
         cm = torch.where(torch.isfinite(cm), cm, torch.zeros_like(cm))
@@ -169,5 +171,5 @@ def window_continue(
         num = p @ vv[:, :, None] + f[..., None] * num_k
         den = p.sum(-1) + f * den_k
         outs.append((num / den.clamp_min(_TINY)[..., None]).reshape(B, H, c, dv))
-        state = _evict(fm, state, kc, vc, pc, state.tokens + c)
+        state = _roll(fm, state, kb, vb, real, c, state.tokens + c)
     return torch.cat(outs, 2).to(q.dtype), state

@@ -21,6 +21,7 @@ none is registered, the guard accepts the cache once while empty and refuses a s
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
@@ -106,12 +107,19 @@ def _argument(bound: inspect.BoundArguments, name: str) -> Any:
     return None
 
 
+@functools.lru_cache(maxsize=256)
+def signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """``inspect.signature(fn)``, computed once per function (it is read on every call of a
+    rewritten module; building it costs more than a decoding step's attention)."""
+    return inspect.signature(fn)
+
+
 def choose_variant(forward: Any, when_given: Sequence[str], args: tuple, kwargs: dict) -> int:
     """0 (the first graph) or 1 (the ``given`` graph) for a call of ``forward(*args,
     **kwargs)``: 1 when any argument named in ``when_given`` is not None."""
     if not when_given:
         return 0
-    bound = inspect.signature(forward).bind(*args, **kwargs)
+    bound = signature(forward).bind(*args, **kwargs)
     return int(any(_argument(bound, n) is not None for n in when_given))
 
 
