@@ -205,7 +205,10 @@ def test_unsuitable_existing_output_exits_8_before_converting(existing, tmp_path
 def test_signal_during_start_up_is_one_line(sig, code) -> None:
     """The console script's entry installs its handling before importing torch."""
     child = (  # says "ready" once the CLI's import has begun, then waits for the signal
-        "import builtins, sys, time, flurka_rewrite_entry as e\n"
+        "import builtins, signal, sys, time, flurka_rewrite_entry as e\n"
+        # a job started with & by a non-interactive shell inherits SIGINT ignored, and so would
+        # this child: give it the default disposition a terminal's Ctrl-C meets
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "real = builtins.__import__\n"
         "def hook(name, *a, **k):\n"
         "    if name == 'flurka_rewrite.cli':\n"
