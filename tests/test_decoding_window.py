@@ -14,10 +14,10 @@ import warnings
 import pytest
 import torch
 from test_decoding import VOCAB, TinyGPT
-from test_generate_hf import CONFIGS, assert_same, generate_both, prompts
+from test_generate_hf import CONFIGS, assert_same, generate_both, prompts, state_sizes
 
 import flurka_rewrite as fr
-from flurka_rewrite.hf_generate import FlurkaStateLayer, state_numel
+from flurka_rewrite.hf_generate import FlurkaStateLayer
 from flurka_rewrite.kernels.attention import FlurkaAttention
 from flurka_rewrite.kernels.window_decode import WindowState, window_prefill_state
 
@@ -133,12 +133,5 @@ def test_hf_generate_with_a_window_matches_full_recomputation(family: str, kerne
 
 
 def test_hf_window_state_is_bounded() -> None:
-    model = _hf("llama", "rnn", 8)
-    ids, _ = prompts((6, 6))
-    sizes = []
-    for n in (10, 50):
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0,
-                                 eos_token_id=None, return_dict_in_generate=True)
-        sizes.append(state_numel(out.cache))
+    sizes = state_sizes(_hf("llama", "rnn", 8), (2, 50))  # 8 and 56 tokens: past the window
     assert sizes[0] == sizes[1] > 0

@@ -142,15 +142,20 @@ def test_hybrid_model_keeps_a_kv_cache_for_its_softmax_layer(family: str) -> Non
     assert cached.cache.layers[1].get_seq_length() == 9 + 31
 
 
-def test_state_memory_does_not_grow() -> None:
-    model = converted("llama")
+def state_sizes(model: tf.PreTrainedModel, new_tokens: tuple[int, ...]) -> list[int]:
+    """Elements of the recurrent states after generating each number of new tokens."""
     ids, _ = prompts((6, 6))
     sizes = []
-    for n in (2, 50):
+    for n in new_tokens:
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0,
                                  eos_token_id=None, return_dict_in_generate=True)
         sizes.append(state_numel(out.cache))
+    return sizes
+
+
+def test_state_memory_does_not_grow() -> None:
+    sizes = state_sizes(converted("llama"), (2, 50))
     assert sizes[0] == sizes[1] > 0
 
 
