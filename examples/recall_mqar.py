@@ -4,6 +4,11 @@
     python examples/recall_mqar.py --quick      # test-sized, under 30 s
     python examples/recall_mqar.py --variants performer,performer@16,eva
     python examples/recall_mqar.py --kernel rnn relu --window 8
+    python examples/recall_mqar.py --variants performer --finetune-steps 1000
+
+``--finetune-steps N`` / ``--finetune-lr LR`` change the fine-tuning budget of every variant
+(default 200 steps at 1e-3, ``--quick`` 30); ``--distill-steps N`` the distillation budget
+(default 150, ``--quick`` 20). The softmax model's training is the same whatever they are.
 
 The task (Zoology's MQAR, Arora et al. 2023, generated here, offline and seeded): a sequence of
 ``pairs`` key-value pairs ``k1 v1 k2 v2 ...`` (distinct keys drawn from the first half of the
@@ -311,7 +316,9 @@ def table(figures: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``--quick``, ``--variants``, ``--kernel``, ``--window``, ``--json``."""
+    """Command line: ``--quick``, ``--variants``, ``--kernel``, ``--window``,
+    ``--num-features``, ``--finetune-steps``, ``--finetune-lr``, ``--distill-steps``,
+    ``--json``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="test-sized task and schedules (< 30 s)")
     p.add_argument("--variants", metavar="LIST",
@@ -326,6 +333,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-features", type=int, default=None, metavar="M",
                    help="features per head of every kernel (eva: the number of chunks; "
                         "default: each map's own, 64 for eva)")
+    p.add_argument("--finetune-steps", type=int, default=None, metavar="N",
+                   help=f"fine-tuning steps of every variant (default {Config.finetune_steps}, "
+                        f"--quick {QUICK.finetune_steps})")
+    p.add_argument("--finetune-lr", type=float, default=None, metavar="LR",
+                   help=f"peak fine-tuning learning rate (default {Config.finetune_lr})")
+    p.add_argument("--distill-steps", type=int, default=None, metavar="N",
+                   help=f"distillation steps where a variant has FLuRKA parameters (default "
+                        f"{Config.distill_steps}, --quick {QUICK.distill_steps})")
     p.add_argument("--json", metavar="PATH", default="examples/results/recall_mqar.json",
                    help="figures as JSON (default: examples/results/recall_mqar.json; "
                         "'none' to skip)")
@@ -338,6 +353,12 @@ def main(argv: list[str] | None = None) -> None:
         cfg = replace(cfg, window=args.window)
     if args.num_features is not None:
         cfg = replace(cfg, num_features=args.num_features)
+    if args.finetune_steps is not None:
+        cfg = replace(cfg, finetune_steps=args.finetune_steps)
+    if args.finetune_lr is not None:
+        cfg = replace(cfg, finetune_lr=args.finetune_lr)
+    if args.distill_steps is not None:
+        cfg = replace(cfg, distill_steps=args.distill_steps)
     if args.variants:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     else:
