@@ -246,7 +246,7 @@ def run_variant(model: nn.Module, cfg: Config, name: str, test: tuple[Tensor, Te
             conv = fr.convert(model, kernel=kernel, dk=None, window=window,
                               num_features=cfg.num_features, example_inputs=(example,),
                               seed=cfg.seed)
-    except ValueError as e:  # e.g. eva with window=: EVA has its own local window
+    except ValueError as e:  # e.g. softmax with window=: no kernel part beside the window
         print(f"{name}: not converted: {e}")
         return out | {"status": "refused", "reason": str(e)}
     report = conv.flurka_report

@@ -73,8 +73,9 @@ def init_lowrank(dk: int, max_len: int, kind: str, generator: torch.Generator) -
 
 def check_window(window: int | None, kernel: str, dk: int | None, backend: str) -> None:
     """Refuse a window that cannot be built: not a positive int, on exact attention (no
-    kernel part), or with a kernel that has its own window (EVA). Any backend: "triton"
-    runs the exact band in Triton (kernels/triton_window_ops.py), "auto" the reference."""
+    kernel part), or with a custom-attention kernel without a windowed form (EVA has one:
+    kernels/eva_window.py). Any backend: "triton" runs the exact band in Triton
+    (kernels/triton_window_ops.py), "auto" the reference (EVA: the reference only)."""
     if window is None:
         return
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -84,9 +85,9 @@ def check_window(window: int | None, kernel: str, dk: int | None, backend: str) 
                          "attention over every key already; use window=None, a feature map "
                          "or a dk")
     cls = feature_map_class(kernel) if kernel in kernel_names() else None
-    if cls is not None and getattr(cls, "custom_attention", False):
-        raise ValueError(f"window= does not combine with kernel {kernel!r}: it has its own "
-                         "exact local window (eva_chunk); use window=None")
+    if cls is not None and not cls.has_window_form():
+        raise ValueError(f"window= does not combine with kernel {kernel!r}: it computes its own "
+                         "attention and has no windowed form; use window=None")
 
 
 class FlurkaAttention(nn.Module):
@@ -131,6 +132,9 @@ class FlurkaAttention(nn.Module):
                 raise ValueError("a low-rank layer (dk set) needs max_seq_len, the longest key "
                                  "sequence it will see")
         check_window(window, kernel, dk, backend)
+        if window is not None and eva_chunk is not None:
+            raise ValueError("eva_chunk sets EVA's own exact local chunk, which window= replaces "
+                             "(the window is the exact local part); pass one of them")
         self.window = window
         self.kernel, self.heads, self.kv_heads, self.head_dim = kernel, heads, kv_heads, head_dim
         self.dk, self.max_seq_len, self.causal = dk, max_seq_len, causal

@@ -187,7 +187,13 @@ def window_backend(backend: str, device_type: str) -> str:
 def window_attention_dispatch(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto",
                               **kwargs) -> Tensor:
     """``window.window_attention`` (same keyword arguments, same result) on the backend
-    ``window_backend`` chooses: the reference, or ``triton_window_ops``'s band kernel."""
+    ``window_backend`` chooses: the reference, or ``triton_window_ops``'s band kernel. A
+    ``custom_attention`` map (EVA) computes its own windowed form (``attend_window``)."""
+    fm = kwargs.get("feature_map")
+    if fm is not None and fm.custom_attention:  # e.g. EVA: reference only (kernels/eva_window.py)
+        resolve_backend(backend, q.device.type, feature_map=fm)  # raises for "triton"
+        kwargs.pop("feature_map")
+        return fm.attend_window(q, k, v, **kwargs)
     if window_backend(backend, q.device.type) == "triton":
         from .triton_window_ops import triton_window_attention
 

@@ -43,7 +43,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .eva_window import eva_window_attention, eva_window_flops
 from .feature_maps import PerformerFeatures
+from .reference import cdiv
 from .registry import MapFlops, register_feature_map
 
 DEFAULT_EVA_CHUNK = 32  # w: local window, in keys (docs/operator.md "EVA")
@@ -66,10 +68,10 @@ def eva_layout(K: int, m: int, w: int) -> EvaLayout:
     """Partition K keys into chunks for m samples and a local window of w keys (see module)."""
     if K < 1 or m < 1 or w < 1:
         raise ValueError(f"EVA needs K, num_features and eva_chunk >= 1; got {K}, {m}, {w}")
-    r = -(-K // m)
-    C = -(-K // r)
+    r = cdiv(K, m)
+    C = cdiv(K, r)
     g = max(1, w // r)
-    ng = -(-C // g)
+    ng = cdiv(C, g)
     return EvaLayout(r, C, g, g * r, ng, ng * g)
 
 
@@ -188,8 +190,8 @@ def local_keys(eva_chunk: int, key_spacing: tuple[int, int] | None) -> int:
 def eva_query_slots(N: int, lay: EvaLayout, num: int, den: int) -> int:
     """Qmax of ``query_groups``: query rows per local group after padding (sizes only). The
     last group also takes every query whose anchor lies past the keys (N > max_seq_len)."""
-    last = N - (-(-((lay.ng - 1) * lay.W * den) // num))
-    return max(1, min(N, max(-(-(lay.W * den) // num), last)))
+    last = N - cdiv((lay.ng - 1) * lay.W * den, num)
+    return max(1, min(N, max(cdiv(lay.W * den, num), last)))
 
 
 def eva_flops(*, B: int, N: int, K: int, H: int, Hkv: int, dh: int, m: int, causal: bool,
@@ -276,6 +278,25 @@ class EvaFeatures(PerformerFeatures):
             key_padding_mask=key_padding_mask, causal=causal,
             scale=self.scale if scale is None else scale, key_spacing=self.key_spacing,
             noise=self.W if self.training else None)
+
+    def attend_window(self, q: Tensor, k: Tensor, v: Tensor, *, window: int,
+                      log_weight: Tensor, scale: float, causal: bool = False,
+                      key_padding_mask: Tensor | None = None, kernel_k: Tensor | None = None,
+                      kernel_v: Tensor | None = None,
+                      kernel_keep: Tensor | None = None) -> Tensor:
+        """EVA with a sliding window as its local set (``eva_window.eva_window_attention``;
+        ``eva_chunk`` unused: the window replaces the local chunk)."""
+        return eva_window_attention(
+            q, k, v, window=window, num_features=self.num_features, log_weight=log_weight,
+            scale=scale, causal=causal, key_padding_mask=key_padding_mask, kernel_k=kernel_k,
+            kernel_v=kernel_v, kernel_keep=kernel_keep,
+            noise=self.W if self.training else None)
+
+    @classmethod
+    def window_flops(cls, *, B: int, N: int, H: int, Hkv: int, dh: int, m: int, causal: bool,
+                     window: int, dk: int | None) -> MapFlops:
+        return eva_window_flops(B=B, N=N, H=H, Hkv=Hkv, dh=dh, m=m, causal=causal,
+                                window=window, dk=dk)
 
     def extra_repr(self) -> str:
         return f"m={self.num_features}, eva_chunk={self.eva_chunk}"

@@ -80,6 +80,7 @@ class PerformerFeatures(FeatureMap):
     takes_num_features = True
     auto_role = "pretrained"  # approximates a pretrained softmax without training
     triton_code = 3
+    estimates_softmax = True  # E[phi(q).phi(k)] = exp(s q.k)
     causal_stabilized = True
     weight_shapes = {"W": ("num_features", "head_dim")}
 

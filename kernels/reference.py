@@ -22,6 +22,12 @@ from torch import Tensor
 from .feature_maps import FeatureMap
 
 
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for a >= 0, b >= 1, written (a + b - 1) // b: ONNX's integer Div
+    truncates, so the -(-a // b) idiom on a symbolic length exports as a floor."""
+    return (a + b - 1) // b
+
 def is_exporting() -> bool:
     """True under torch.jit tracing, torch.compile/torch.export, or ONNX export: shape-
     dependent Python control flow (loops over chunks, bands, all-real shortcuts) must then

@@ -29,6 +29,12 @@ A kernel that is not "phi(q), phi(k), then the linear core" (EVA, ``kernels/eva.
                          its FLOPs over K keys (``cost_model.site_flops`` counts these instead
                          of the map and the linear core; key_spacing (dk, max_seq_len) on a
                          low-rank site, else None)
+    attend_window(q, k, v, *, window, log_weight, scale, causal, key_padding_mask, kernel_k,
+                  kernel_v, kernel_keep) -> Tensor
+                         the sliding-window hybrid with this core outside the window (called
+                         instead of ``window.window_attention``; same arguments but the map)
+    window_flops(*, B, N, H, Hkv, dh, m, causal, window, dk) -> MapFlops
+                         its FLOPs (``cost_window.window_core_flops`` returns these)
 
 It still declares every REQUIRED_FACT (``forward`` / ``flops`` describe its feature map, if
 any); it has no Triton kernel: ``backend="triton"`` raises, ``"auto"`` runs the reference.
@@ -81,6 +87,9 @@ class FeatureMap(nn.Module):
     # "head_dim", "kv_heads", "num_features" (recipe_check resolves them)
     weight_shapes: ClassVar[dict[str, tuple[int | str, ...]]] = {}
     custom_attention: ClassVar[bool] = False  # True: ``attend`` computes the core (docstring)
+    # phi(q).phi(k) estimates exp(s q.k) (the performer, EVA): a window's kernel part starts at
+    # weight 1 beside the exact window (kernels/window.py, ``initial_log_weight``)
+    estimates_softmax: ClassVar[bool] = False
     num_features: int
 
     @classmethod
@@ -127,11 +136,32 @@ class FeatureMap(nn.Module):
         (B, Hkv, K, dh), v (B, Hkv, K, dv) -> (B, H, N, dv) in q's dtype."""
         raise NotImplementedError(f"{type(self).__name__} is not a custom_attention map")
 
+    def attend_window(self, q: Tensor, k: Tensor, v: Tensor, *, window: int,
+                      log_weight: Tensor, scale: float, causal: bool = False,
+                      key_padding_mask: Tensor | None = None, kernel_k: Tensor | None = None,
+                      kernel_v: Tensor | None = None,
+                      kernel_keep: Tensor | None = None) -> Tensor:
+        """The sliding-window hybrid with this map's own core for the keys outside the window,
+        for a ``custom_attention`` map (arguments: ``window.window_attention``'s)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a custom_attention map")
+
     @classmethod
     def attention_flops(cls, *, B: int, N: int, K: int, H: int, Hkv: int, dh: int, m: int,
                         causal: bool, key_spacing: tuple[int, int] | None = None) -> MapFlops:
         """FLOPs of ``attend`` over K keys, for a ``custom_attention`` map."""
         raise NotImplementedError(f"{cls.__name__} is not a custom_attention map")
+
+    @classmethod
+    def window_flops(cls, *, B: int, N: int, H: int, Hkv: int, dh: int, m: int, causal: bool,
+                     window: int, dk: int | None) -> MapFlops:
+        """FLOPs of ``attend_window``, for a ``custom_attention`` map that has one."""
+        raise NotImplementedError(f"{cls.__name__} has no windowed form")
+
+    @classmethod
+    def has_window_form(cls) -> bool:
+        """Whether ``window=`` can combine with this map: every linear-core map, and a
+        ``custom_attention`` map that overrides ``attend_window``."""
+        return not cls.custom_attention or cls.attend_window is not FeatureMap.attend_window
 
     def penalty(self) -> Tensor | None:
         """Optional regularizer to add to the training loss (ffk orthogonality)."""

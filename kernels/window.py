@@ -31,8 +31,8 @@ must not change the rounding of the past), so it is the bound max_f |w_f|^2 / 2 
 u_f = w_f.x' - |x'|^2 / 2 can never exceed.
 
 Initial theta (``initial_log_weight``): 0 (alpha = 1) for a kernel that estimates exp(s)
-(the performer, and softmax over down-sampled keys: the registry's ``auto_role``
-"pretrained"), so the hybrid starts as an estimate of softmax that is exact on the window;
+(the performer and EVA, the registry's ``estimates_softmax``, and softmax over down-sampled
+keys), so the hybrid starts as an estimate of softmax that is exact on the window;
 -log m for the other maps (relu, rnn, ffk), whose kappa is of order m whatever the scores
 (elu(x) + 1 is about 1 per feature): a far key then weighs O(1), like exp(s) of a small
 score, and on peaked attention the window's exp(s_max) outweighs the far keys, so the hybrid
@@ -66,8 +66,8 @@ _TINY = torch.finfo(torch.float32).tiny
 
 def initial_log_weight(fm: FeatureMap | None) -> float:
     """theta at initialisation (module docstring): 0 for softmax (fm None) and maps that
-    approximate it (``auto_role`` "pretrained"), else -log m."""
-    if fm is None or fm.auto_role == "pretrained":
+    estimate it (``estimates_softmax``: the performer, EVA), else -log m."""
+    if fm is None or fm.estimates_softmax:
         return 0.0
     return -math.log(fm.num_features)
 

@@ -32,6 +32,10 @@ def window_core_flops(*, kernel: str, dk: int | None, window: int, B: int, N: in
     # lam - c and exp, f * den, + sum(p), clamp
     elem += 3 * bh * Np * dh  # f * num_k, + p v, division
     fmap = feature_map_class(kernel)
+    if fmap is not None and fmap.custom_attention:  # its own windowed core (EVA)
+        f = fmap.window_flops(B=B, N=N, H=H, Hkv=Hkv, dh=dh, m=m, causal=causal,
+                              window=window, dk=dk)
+        return f.gemm, f.elem
     if fmap is None:  # Linformer + window: softmax over the dk keys
         gemm += 2 * bh * Np * dk * dh + 2 * bh * Np * dk * dv1  # q k~^T, p [v~ | 1]
         elem += B * H * N * dh + 3 * bh * Np * dk  # q * scale; amax, s - lam, exp

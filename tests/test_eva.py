@@ -25,7 +25,7 @@ from flurka_rewrite.kernels.attention import FlurkaAttention
 from flurka_rewrite.kernels.dispatch import resolve_backend
 from flurka_rewrite.kernels.eva import DEFAULT_EVA_CHUNK, EvaFeatures, eva_attention
 from flurka_rewrite.kernels.reference import rel_error, softmax_attention
-from flurka_rewrite.kernels.registry import FEATURE_MAPS, kernel_choices
+from flurka_rewrite.kernels.registry import FEATURE_MAPS, FeatureMap, kernel_choices
 from flurka_rewrite.passes import cost_model
 
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -222,13 +222,25 @@ def test_triton_backend_is_refused_with_the_fix():
         FlurkaAttention(kernel="eva", heads=2, head_dim=8, eva_chunk=0)
 
 
-def test_window_with_eva_is_refused_up_front():
-    """EVA has its own local window: the options refuse window= before any capture."""
+def test_window_combines_with_eva_and_a_map_without_a_windowed_form_is_refused():
+    """EVA has a windowed form (kernels/eva_window.py, tests/test_eva_window.py); a
+    custom-attention map without ``attend_window`` is refused up front, naming the fix."""
+    from flurka_rewrite.kernels.attention import check_window
     from flurka_rewrite.passes.config import RewriteConfig
-    for make in (lambda: RewriteConfig(kernel="eva", dk=None, window=8),
-                 lambda: FlurkaAttention(kernel="eva", heads=2, head_dim=8, window=8)):
-        with pytest.raises(ValueError, match="eva_chunk"):
-            make()
+    assert EvaFeatures.has_window_form()
+    assert RewriteConfig(kernel="eva", dk=None, window=8).window == 8
+    assert FlurkaAttention(kernel="eva", heads=2, head_dim=8, window=8).window == 8
+
+    class NoWindow(EvaFeatures):
+        attend_window = FeatureMap.attend_window  # the base's: no windowed form
+
+    assert not NoWindow.has_window_form()
+    FEATURE_MAPS["_nowindow"] = NoWindow
+    try:
+        with pytest.raises(ValueError, match="no windowed form; use window=None"):
+            check_window(8, "_nowindow", None, "auto")
+    finally:
+        del FEATURE_MAPS["_nowindow"]
 
 
 def test_registry_entry_and_cli_choice():
@@ -329,16 +341,21 @@ def test_gpt2_causal_converts_and_stays_causal():
     torch.testing.assert_close(out2[:, :15], out[:, :15], atol=1e-5, rtol=1e-5)
 
 
-def test_onnx_export_matches(tmp_path):
+@pytest.mark.parametrize("arch,dk", [("bert", 8), ("bert", None), ("gpt2", None)])
+def test_onnx_export_matches(arch, dk, tmp_path):
+    """At the example's length and another: without dk the chunking depends on the length,
+    which once exported the -(-a // b) ceil as a floor (ONNX's Div truncates) and failed in
+    ONNX Runtime."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    ex = _text(120, 2, 13, 0, pad_row=1)
-    new = fr.convert(_bert(), kernel="eva", dk=8, num_features=4, example_inputs=ex)
+    ex = _text(120, 2, 13, 0, pad_row=1 if arch == "bert" else None)
+    model = _bert() if arch == "bert" else _gpt2()
+    new = fr.convert(model, kernel="eva", dk=dk, num_features=4, example_inputs=ex)
     path = str(tmp_path / "bert_eva.onnx")
     info = fr.export_onnx(new, ex, path, dynamic_batch=False)
     assert info.dynamic_axes == {k: [1] for k in ex}, info.dynamic_axes
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    for feed in (ex, _text(120, 2, 29, 1, pad_row=0)):  # the example and a second length
+    for feed in (ex, _text(120, 2, 29, 1, pad_row=0 if arch == "bert" else None)):
         got = sess.run(None, {k: v.numpy() for k, v in feed.items()})
         with torch.no_grad():
             ref = new(**feed)

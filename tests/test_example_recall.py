@@ -25,8 +25,9 @@ ex = _load_example()
 
 # softmax: the exact conversion (oracle); performer: no FLuRKA parameters (fine-tune only);
 # rnn@4: a windowed variant (distill trains the per-head mixing factor); ffk: a trainable
-# kernel; eva@4: refused by convert (EVA has its own local window).
-VARIANTS = ["softmax", "performer", "rnn@4", "ffk", "eva@4"]
+# kernel; eva@4: EVA with the window as its local set; softmax@4: refused by convert (a
+# window beside exact attention has no kernel part).
+VARIANTS = ["softmax", "performer", "rnn@4", "ffk", "eva@4", "softmax@4"]
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +98,11 @@ def test_distill_runs_only_where_there_are_flurka_parameters(figures):
     assert v["rnn@4"]["window"] == 4
 
 
-def test_eva_with_a_window_is_refused_and_recorded(figures):
-    r = figures["variants"]["eva@4"]
+def test_a_refused_variant_is_recorded_and_eva_with_a_window_runs(figures):
+    r = figures["variants"]["softmax@4"]
     assert r["status"] == "refused" and "window" in r["reason"]
+    e = figures["variants"]["eva@4"]
+    assert e["status"] == "converted" and e["window"] == 4 and e["flurka_params"] > 0
 
 
 def test_variant_names():

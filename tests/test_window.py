@@ -306,6 +306,9 @@ def test_site_flops_refuses_window_without_kernel_or_cross_attention():
 MODELS = {  # zoo model -> kernel: bidirectional with padding; causal; causal GQA + RoPE
     "bert": dict(kernel="performer", dk=None), "bert-dk8": dict(kernel="performer", dk=8),
     "gpt2": dict(kernel="relu", dk=None), "llama": dict(kernel="rnn", dk=None),
+    # EVA with the window as its local set (kernels/eva_window.py): 4 chunks, not exact
+    "gpt2-eva": dict(kernel="eva", dk=None, num_features=4),
+    "bert-eva-dk8": dict(kernel="eva", dk=8, num_features=4),
 }
 
 
@@ -332,7 +335,7 @@ def test_hf_models_convert_with_a_window_verified(name):
     assert mods and all(m.window == 8 and "window=8" in repr(m) for m in mods)
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "gpt2-eva", "bert-eva-dk8"])
 def test_save_load_and_onnx_round_trips(name, tmp_path):
     e, new = _converted(name)
     for m in new.modules():  # a trained-looking theta: not the initial value
