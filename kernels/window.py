@@ -1,6 +1,7 @@
 """Sliding-window hybrid attention (``window=w``, LoLCATs-style): exact softmax over the
 nearest keys, the kernel over the others, one shared normaliser (docs/operator.md,
-"Sliding window").
+"Sliding window"). EVA's windowed form (its control-variate subsets outside the window) is
+kernels/eva_window.py, reached through ``dispatch.window_attention_dispatch``.
 
 For query i, the window W(i) is
 

@@ -158,7 +158,7 @@ def test_exact_with_one_key_per_chunk_or_a_window_over_every_key(causal):
 
 def test_error_falls_as_num_features_grows():
     """Peaked attention (scale 1.5), N = 96, w = 8: the error against exact softmax falls as
-    the chunks get finer, and the window alone beats no window at the same m."""
+    the chunks get finer (m = 4, 16, 48: 24, 6 and 2 keys per chunk)."""
     errs = {m: [] for m in (4, 16, 48)}
     for seed in range(3):
         q, k, v = _qkv(B=1, N=96, dh=16, seed=seed, scale=1.5)
