@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
                    choices=["ffk", "performer", "relu", "rnn", "eva"])
     p.add_argument("--window", type=int, default=None, metavar="W",
                    help="sliding-window hybrid: exact softmax over the W previous characters "
-                        "beside the kernel part (default: none; not with eva)")
+                        "beside the kernel part (default: none; with eva: its local set)")
     args = p.parse_args(argv)
     _common.setup(args)
     cfg = replace(QUICK if args.quick else Config(), kernel=args.kernel, window=args.window,

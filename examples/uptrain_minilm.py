@@ -496,14 +496,17 @@ def main() -> None:
                    help="rank along the sequence (< 48; default: none, kernel attention only)")
     p.add_argument("--window", type=int, default=None, metavar="W",
                    help="sliding-window hybrid: exact softmax over the W nearest tokens beside "
-                        "the kernel part (default: none; not with eva)")
+                        "the kernel part (default: none; with eva: its local set)")
+    p.add_argument("--num-features", type=int, default=None, metavar="M",
+                   help="features per head of the kernels that take it (eva: the number of "
+                        "chunks; default: each map's own)")
     p.add_argument("--save-flurka", metavar="PATH",
                    help="write the up-trained FLuRKA parameters to PATH (safetensors) and a "
                         "manifest beside it (PATH with .json); needs --finetune-params flurka")
     args = p.parse_args()
     cfg = replace(QUICK if args.quick else FULL, seed=args.seed, progress=True,
                   finetune_params=args.finetune_params, kernel=args.kernel, dk=args.dk,
-                  window=args.window)
+                  window=args.window, num_features=args.num_features)
     if args.finetune_steps is not None:
         cfg = replace(cfg, finetune_steps=args.finetune_steps)
     if args.finetune_lr is not None:

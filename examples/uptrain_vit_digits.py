@@ -280,7 +280,7 @@ def main() -> None:
                    choices=["ffk", "performer", "relu", "rnn", "eva"])
     p.add_argument("--window", type=int, default=None, metavar="W",
                    help="sliding-window hybrid: exact softmax over the W nearest patches "
-                        "beside the kernel part (default: none; not with eva)")
+                        "beside the kernel part (default: none; with eva: its local set)")
     args = p.parse_args()
     _common.setup(args)
     # cfg.plot stays None: finish() draws the plot
